@@ -1,0 +1,138 @@
+"""Command line: argument parsing and printing only (the work is in engine/evaluate/inspect)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import __version__
+from .calibration import DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN
+from .errors import SolaError
+
+EPILOG = """exit codes: 0 done; 1 unexpected error (bug: please report with the traceback);
+2 bad input or options (one-line message names the file, tensor or option)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sola-stream", description=(
+        "Training-free LLM compression with SoLA (soft activation sparsity + low-rank "
+        "decomposition), one decoder block at a time."), epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"sola-stream {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log numeric fallbacks (damping) and details")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("compress", help="compress a checkpoint into a new directory",
+                       description="Compress MODEL (checkpoint directory or hub id) into OUTPUT.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("model", help="Hugging Face checkpoint directory (safetensors) or hub id")
+    c.add_argument("output", help="output directory (must be new or empty)")
+    c.add_argument("--ratio", type=float, default=0.2,
+                   help="fraction of decoder-block linear weight parameters to remove")
+    c.add_argument("--method", default="sola", choices=["sola", "svd-llm", "svd"],
+                   help="sola: prime neurons + whitened SVD + adaptive ranks; svd-llm: whitened SVD, "
+                        "uniform ranks; svd: plain truncated SVD, uniform ranks")
+    c.add_argument("--prime-ratio", type=float, default=0.15,
+                   help="fraction of FFN neurons kept dense (sola only)")
+    c.add_argument("--calib", default=None, help="calibration text: file, folder of text files, "
+                   "saved datasets folder, or hf:NAME[:CONFIG[:SPLIT]] (default: shipped WikiText-2 valid)")
+    c.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES, help="calibration windows")
+    c.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN, help="tokens per calibration window")
+    c.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for the window offsets")
+    c.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (auto: cuda when available)")
+    c.add_argument("--propagate", default="compressed", choices=["compressed", "original"],
+                   help="feed the next block the outputs of the compressed block or of the original one")
+    c.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward chunk")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="WikiText-2 style perplexity, streamed block by block",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("model", help="dense checkpoint or sola_stream output directory")
+    e.add_argument("--text", default=None, help="evaluation text file (default: ../shared WikiText-2 test if "
+                   "found, else required)")
+    e.add_argument("--seqlen", type=int, default=1024, help="tokens per window (non-overlapping)")
+    e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
+    e.add_argument("--device", default="auto", help="cpu, cuda or cuda:N")
+    e.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward chunk")
+    e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("inspect", help="show method, ratios and ranks of a compressed directory")
+    i.add_argument("output", help="sola_stream output directory")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"compress": _compress, "eval": _eval, "inspect": _inspect}[args.command](args)
+    except SolaError as exc:
+        print(f"sola-stream: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _compress(args) -> int:
+    from .engine import CompressOptions, compress
+    from .memory import PeakMemory, gib
+
+    opts = CompressOptions(method=args.method, ratio=args.ratio, prime_ratio=args.prime_ratio, calib=args.calib,
+                           nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
+                           propagate=args.propagate, batch_tokens=args.batch_tokens)
+    with PeakMemory() as mem:
+        s = compress(args.model, args.output, opts, progress=not args.no_progress)
+    alloc, reserved = PeakMemory.peak_gpu()
+    print(f"\nsola-stream compress: done in {s.seconds:.1f} s on {s.device}")
+    print(f"  method          {s.method} (prime ratio {opts.prime_ratio if s.method == 'sola' else 0})")
+    print(f"  target ratio    {s.target_ratio:.4f} of block linear weights")
+    print(f"  achieved ratio  {s.achieved_ratio_blocks:.4f} of block linear weights, "
+          f"{s.achieved_ratio_model:.4f} of all model parameters")
+    print(f"  blocks          {s.blocks}, {s.seconds / s.blocks:.1f} s per block")
+    print(f"  peak memory     host RSS {gib(mem.peak_rss)}" +
+          (f", GPU allocated {gib(alloc)} / reserved {gib(reserved)}" if alloc else ""))
+    print(f"  output          {s.output}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .evaluate import perplexity
+    from .engine import CompressOptions
+
+    text = args.text or _default_eval_text()
+    device = CompressOptions(device=args.device)
+    device.validate()
+    r = perplexity(args.model, text, seqlen=args.seqlen, max_windows=args.max_windows,
+                   device=device.resolved_device(), batch_tokens=args.batch_tokens, progress=not args.no_progress)
+    print(f"perplexity {r.ppl:.4f} over {r.windows} windows x {r.seqlen} tokens ({r.tokens} predicted) "
+          f"of {r.text} in {r.seconds:.1f} s")
+    if args.json:
+        print(json.dumps({"ppl": r.ppl, "nll": r.nll, "windows": r.windows, "seqlen": r.seqlen,
+                          "tokens": r.tokens, "text": r.text, "model": args.model}))
+    return 0
+
+
+def _default_eval_text() -> str:
+    from pathlib import Path
+
+    from .errors import InputError
+
+    for base in (Path.cwd(), *Path.cwd().parents):
+        cand = base / "shared" / "data" / "wikitext-2" / "wiki.test.raw"
+        if cand.is_file():
+            return str(cand)
+    raise InputError("--text: no evaluation text given and no shared/data/wikitext-2/wiki.test.raw found")
+
+
+def _inspect(args) -> int:
+    from .inspect import describe, summary_dict
+
+    info = summary_dict(args.output)
+    print(json.dumps(info) if args.json else describe(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Pure factorization math: whitening and truncated (whitened) SVD.
+
+All functions take and return tensors; nothing here knows about models or files.
+Factorization runs in float64 (covariances are accumulated in float32 by the caller).
+
+Notation (see docs/METHOD.md): a linear layer W is out x in (m x n), calibration inputs
+X are tokens x n, C = X^T X = L L^T. The rank-k factors satisfy W ~ A @ B with A m x k,
+B k x n, and ||(W - A B) X^T||_F^2 equals the sum of the dropped whitened energies.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Relative damping steps tried, in order, when C is not numerically positive definite.
+# Deterministic: the same C always takes the same step.
+_DAMPING_STEPS = (0.0, 1e-8, 1e-6, 1e-4, 1e-2, 1e-1, 1.0)
+
+
+def cholesky_whitener(cov: torch.Tensor, what: str = "covariance") -> tuple[torch.Tensor, float]:
+    """Lower Cholesky factor L of a (damped if needed) covariance, in float64.
+
+    Returns (L, damping) where damping is the absolute value added to the diagonal
+    (0.0 when C factored as is). Dead inputs (zero rows) are why C is often singular.
+    """
+    c = cov.to(torch.float64)
+    c = 0.5 * (c + c.T)  # accumulated in float32: symmetrize before factoring
+    scale = float(c.diagonal().abs().mean()) or 1.0
+    for step in _DAMPING_STEPS:
+        damping = step * scale
+        mat = c if damping == 0.0 else c + damping * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+        L, info = torch.linalg.cholesky_ex(mat)
+        if int(info) == 0:
+            if damping:
+                log.info("%s: not positive definite, damped diagonal by %.3g", what, damping)
+            return L, damping
+    raise ValueError(f"{what}: Cholesky failed even with damping {damping:.3g} (NaN/Inf in calibration states?)")
+
+
+@dataclass
+class Spectrum:
+    """Whitened spectrum of one matrix, enough to produce factors at any rank.
+
+    energy: squared whitened singular values, descending (length min(m, n)).
+    basis: right singular vectors (n x r) when n <= m, left ones (m x r) otherwise.
+    """
+
+    weight: torch.Tensor  # float64, m x n
+    whitener: torch.Tensor | None  # L (n x n, lower) or None for plain SVD
+    energy: torch.Tensor
+    basis: torch.Tensor
+    right: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank-`rank` factors (A: m x k, B: k x n) minimizing the whitened error."""
+        w, L = self.weight, self.whitener
+        if self.right:
+            v = self.basis[:, :rank]  # n x k
+            a = (w @ L @ v) if L is not None else w @ v
+            if L is None:
+                b = v.T
+            else:  # B = V_k^T L^-1, via a triangular solve L^T B^T = V_k
+                b = torch.linalg.solve_triangular(L.T, v, upper=True).T
+        else:
+            # M = W L = U S V^T; the best rank-k M is U_k U_k^T M, so W_k = U_k U_k^T W.
+            u = self.basis[:, :rank]
+            a, b = u, u.T @ w
+        return a.contiguous(), b.contiguous()
+
+
+def spectrum(weight: torch.Tensor, whitener: torch.Tensor | None) -> Spectrum:
+    """Eigendecomposition of the smaller Gram matrix of W L (equivalent to its SVD).
+
+    The Gram route is several times faster than a full SVD for the tall matrices of an FFN,
+    and float64 keeps the squared condition number harmless for truncation purposes.
+    """
+    w = weight.to(torch.float64)
+    m = w @ whitener if whitener is not None else w
+    right = m.shape[1] <= m.shape[0]
+    gram = m.T @ m if right else m @ m.T
+    evals, evecs = torch.linalg.eigh(gram)
+    energy = evals.flip(0).clamp_min(0.0)
+    basis = evecs.flip(1)
+    return Spectrum(weight=w, whitener=whitener, energy=energy, basis=basis, right=right)
+
+
+def max_useful_rank(m: int, n: int) -> int:
+    """Largest rank whose factors (k (m + n) params) are strictly smaller than W (m n)."""
+    return (m * n - 1) // (m + n)

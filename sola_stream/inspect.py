@@ -1,0 +1,46 @@
+"""What a compressed directory holds: method, ratios, ranks per block and layer."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import InputError
+
+
+def summary_dict(path: str) -> dict:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise InputError(f"{config_file}: missing (not a finished sola_stream output)")
+    sola = json.loads(config_file.read_text()).get("sola")
+    if not sola:
+        raise InputError(f"{config_file}: no 'sola' section (not a sola_stream output)")
+    return {
+        "path": str(path),
+        "method": sola["method"],
+        "target_ratio": sola["ratio"],
+        "prime_ratio": sola["prime_ratio"],
+        "achieved_ratio_blocks": sola["achieved_ratio_blocks"],
+        "achieved_ratio_model": sola["achieved_ratio_model"],
+        "propagate": sola.get("propagate"),
+        "calibration": sola.get("calibration"),
+        "blocks": [{"block": i, **{name: {k: v for k, v in spec.items() if k != "split"}
+                                   for name, spec in b["layers"].items()}}
+                   for i, b in enumerate(sola["blocks"])],
+    }
+
+
+def describe(info: dict) -> str:
+    lines = [f"{info['path']}: method {info['method']}, prime ratio {info['prime_ratio']}",
+             f"ratio: target {info['target_ratio']:.4f}, achieved {info['achieved_ratio_blocks']:.4f} "
+             f"(block linears), {info['achieved_ratio_model']:.4f} (whole model)"]
+    names = [n for n in info["blocks"][0] if n != "block"] if info["blocks"] else []
+    short = [n.split(".")[-1] for n in names]
+    lines.append("block " + " ".join(f"{s:>14}" for s in short) + "   (rank, +prime; dense = kept dense)")
+    for b in info["blocks"]:
+        cells = []
+        for n in names:
+            spec = b[n]
+            r = "dense" if spec.get("rank") is None else str(spec["rank"])
+            cells.append(f"{r + (' +' + str(spec['prime']) if 'prime' in spec else ''):>14}")
+        lines.append(f"{b['block']:>5} " + " ".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,41 @@
+"""Build a torch CausalLM from a sola_stream output directory (or any dense checkpoint)."""
+from __future__ import annotations
+
+import torch
+from accelerate import init_empty_weights
+from transformers import AutoModelForCausalLM
+
+from .arch import adapter_for
+from .checkpoint import CheckpointReader
+from .modules import build_block
+from .skeleton import load_config
+
+
+def block_specs(sola: dict | None, index: int) -> dict | None:
+    return None if not sola else sola["blocks"][index]["layers"]
+
+
+def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The whole model in memory, compressed layers as FactoredLinear / NeuronSplitLinear modules.
+    Works with `generate`. dtype defaults to float32."""
+    dtype = dtype or torch.float32
+    reader = CheckpointReader(path)
+    sola = reader.config_dict.get("sola")
+    config = load_config(reader)
+    adapter = adapter_for(config, str(reader.path / "config.json"))
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    layers = model.get_submodule(adapter.layers_path)
+    for i in range(len(layers)):
+        tensors = reader.tensors(adapter.block_prefix(i))
+        layers[i] = build_block(layers[i], tensors, block_specs(sola, i), device, dtype)
+    prefix = adapter.layers_path + "."
+    outer = {n: reader.get(n).to(dtype) for n in reader.weight_map if not n.startswith(prefix)}
+    model.load_state_dict(outer, strict=False, assign=True)
+    head = model.get_submodule(adapter.head_path)
+    if adapter.head_path + ".weight" not in outer and getattr(config, "tie_word_embeddings", False):
+        head.weight = model.get_input_embeddings().weight
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"{reader.path}: tensor {missing[0]!r} missing")
+    return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,107 @@
+"""The model outside its decoder blocks, plus empty (meta) blocks to fill one at a time.
+
+A skeleton is the family's own transformers CausalLM built on the meta device. Only the parts
+outside the blocks (embeddings, final norm, head, rotary tables) get real weights. Its blocks are
+swapped for recorders, so one forward over token ids yields the first block's input and the exact
+keyword arguments (masks, position embeddings) that the family passes to every block.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .arch import Adapter, adapter_for
+from .checkpoint import CheckpointReader
+from .errors import InputError
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    """Stands in for block `index`: records what the model passes it, returns its input."""
+
+    def __init__(self, index: int, last: bool, sink: dict):
+        super().__init__()
+        self.index, self.last, self.sink = index, last, sink
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise RuntimeError("decoder blocks are expected to take keyword arguments after hidden_states")
+        self.sink.setdefault("hidden", hidden_states)
+        self.sink.setdefault("kwargs", {})[self.index] = kwargs
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+def load_config(reader: CheckpointReader):
+    try:
+        config = AutoConfig.from_pretrained(str(reader.path))
+    except Exception as exc:
+        raise InputError(f"{reader.path / 'config.json'}: cannot be read as a transformers config ({exc})") from None
+    # sdpa takes is_causal when no mask is given; eager would need a mask for every batch shape
+    config._attn_implementation = "sdpa"
+    return config
+
+
+class Skeleton:
+    def __init__(self, reader: CheckpointReader, dtype: torch.dtype = torch.float32):
+        self.reader = reader
+        self.config = load_config(reader)
+        self.adapter: Adapter = adapter_for(self.config, str(reader.path / "config.json"))
+        self.dtype = dtype
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        layers = model.get_submodule(self.adapter.layers_path)
+        self.num_blocks = len(layers)
+        self._meta_blocks = list(layers)
+        self._sink: dict = {}
+        recorders = [_Recorder(i, i == self.num_blocks - 1, self._sink) for i in range(self.num_blocks)]
+        model.set_submodule(self.adapter.layers_path, nn.ModuleList(recorders))
+        self._load_outer(model)
+        self.model = model.eval()
+
+    def _load_outer(self, model: nn.Module) -> None:
+        prefix = self.adapter.layers_path + "."
+        state = {n: self.reader.get(n).to(self.dtype) for n in self.reader.weight_map if not n.startswith(prefix)}
+        expected = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        unknown = sorted(set(state) - expected)
+        if unknown:
+            raise InputError(f"{self.reader.path}: unexpected tensor {unknown[0]!r} for {self.adapter.family}")
+        model.load_state_dict(state, strict=False, assign=True)
+        head = self.adapter.head_path + ".weight"
+        if head not in state and getattr(self.config, "tie_word_embeddings", False):
+            model.get_submodule(self.adapter.head_path).weight = model.get_input_embeddings().weight
+        still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+        if still_meta:
+            raise InputError(f"{self.reader.path}: tensor {still_meta[0]!r} missing from the checkpoint")
+
+    def block_names(self, index: int) -> set[str]:
+        """Parameter and persistent-buffer names of one block, relative to its prefix."""
+        return set(self._meta_blocks[index].state_dict().keys())
+
+    def meta_block(self, index: int) -> nn.Module:
+        """A fresh empty copy of block `index` (parameters on the meta device)."""
+        return copy.deepcopy(self._meta_blocks[index])
+
+    @torch.no_grad()
+    def embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, dict]]:
+        """First block's input for `input_ids` (batch x seq) and each block's keyword arguments."""
+        self._sink.clear()
+        try:
+            self.model(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+        return self._sink["hidden"], self._sink["kwargs"]
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        norm = self.model.get_submodule(self.adapter.norm_path)
+        head = self.model.get_submodule(self.adapter.head_path)
+        return head(norm(hidden))
