@@ -6,16 +6,17 @@ file that has its final name is always complete.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import InputError
+from . import faults
+from .errors import InputError, OutputError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -125,10 +126,14 @@ def fsync_dir(path: Path) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, exc) from None
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -140,9 +145,14 @@ def atomic_write_json(path: Path, obj) -> None:
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """safetensors file written under a temp name, fsynced, renamed. No metadata timestamps."""
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
+    try:
+        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp), metadata={"format": "pt"})
+        faults.hit("tensors_written")
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, exc) from None
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -165,9 +175,14 @@ def write_index(out_dir: Path, weight_map: dict[str, str]) -> None:
 
 def copy_extra_files(reader: CheckpointReader, out_dir: Path) -> None:
     for src in reader.extra_files():
-        tmp = out_dir / f".{src.name}.tmp"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, out_dir / src.name)
+        atomic_write_bytes(out_dir / src.name, src.read_bytes())
+
+
+def _write_error(path: Path, exc: OSError) -> OutputError:
+    if exc.errno == errno.ENOSPC:
+        return OutputError(f"{path}: disk full while writing (no space left on device); free space and run "
+                           "the same command again to resume")
+    return OutputError(f"{path}: cannot write ({exc.strerror or exc})")
 
 
 def _dtype_size(dtype: str) -> int:

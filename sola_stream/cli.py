@@ -11,7 +11,9 @@ from .calibration import DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN
 from .errors import SolaError
 
 EPILOG = """exit codes: 0 done; 1 unexpected error (bug: please report with the traceback);
-2 bad input or options (one-line message names the file, tensor or option)."""
+2 bad input or options (one-line message names the file, tensor or option);
+75 stopped by SIGTERM/SIGINT at a safe point (run the same command again to resume);
+130 stopped at once by a second signal (the last finished block still resumes)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--propagate", default="compressed", choices=["compressed", "original"],
                    help="feed the next block the outputs of the compressed block or of the original one")
     c.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward chunk")
+    c.add_argument("--overwrite", action="store_true",
+                   help="discard an unfinished or finished run of this tool in OUTPUT and start over")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="WikiText-2 style perplexity, streamed block by block",
@@ -73,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except SolaError as exc:
         print(f"sola-stream: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print("sola-stream: interrupted; finished blocks are kept, run the same command to resume", file=sys.stderr)
+        return 130
 
 
 def _compress(args) -> int:
@@ -83,14 +90,16 @@ def _compress(args) -> int:
                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
                            propagate=args.propagate, batch_tokens=args.batch_tokens)
     with PeakMemory() as mem:
-        s = compress(args.model, args.output, opts, progress=not args.no_progress)
+        s = compress(args.model, args.output, opts, progress=not args.no_progress, overwrite=args.overwrite)
     alloc, reserved = PeakMemory.peak_gpu()
-    print(f"\nsola-stream compress: done in {s.seconds:.1f} s on {s.device}")
+    resumed = f" (resumed at block {s.resumed_at})" if s.resumed_at else ""
+    print(f"\nsola-stream compress: done in {s.seconds:.1f} s on {s.device}{resumed}")
     print(f"  method          {s.method} (prime ratio {opts.prime_ratio if s.method == 'sola' else 0})")
     print(f"  target ratio    {s.target_ratio:.4f} of block linear weights")
     print(f"  achieved ratio  {s.achieved_ratio_blocks:.4f} of block linear weights, "
           f"{s.achieved_ratio_model:.4f} of all model parameters")
-    print(f"  blocks          {s.blocks}, {s.seconds / s.blocks:.1f} s per block")
+    done = s.blocks - s.resumed_at
+    print(f"  blocks          {s.blocks}" + (f", {s.seconds / done:.1f} s per block" if done else ", already complete"))
     print(f"  peak memory     host RSS {gib(mem.peak_rss)}" +
           (f", GPU allocated {gib(alloc)} / reserved {gib(reserved)}" if alloc else ""))
     print(f"  output          {s.output}")

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 # Relative damping steps tried, in order, when C is not numerically positive definite.
 # Deterministic: the same C always takes the same step.
 _DAMPING_STEPS = (0.0, 1e-8, 1e-6, 1e-4, 1e-2, 1e-1, 1.0)
+_MIN_PIVOT = 1e-12  # smallest accepted squared Cholesky pivot, relative to the mean diagonal
 
 
 def cholesky_whitener(cov: torch.Tensor, what: str = "covariance") -> tuple[torch.Tensor, float]:
@@ -34,7 +35,8 @@ def cholesky_whitener(cov: torch.Tensor, what: str = "covariance") -> tuple[torc
         damping = step * scale
         mat = c if damping == 0.0 else c + damping * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
         L, info = torch.linalg.cholesky_ex(mat)
-        if int(info) == 0:
+        # a factorization that "succeeds" with a vanishing pivot is as unusable as a failed one
+        if int(info) == 0 and float(L.diagonal().min()) ** 2 >= _MIN_PIVOT * scale:
             if damping:
                 log.info("%s: not positive definite, damped diagonal by %.3g", what, damping)
             return L, damping

@@ -1,10 +1,12 @@
-"""The block loop: reader -> (stats -> compress -> write -> propagate) per block -> writer.
+"""The block loop: reader -> (stats -> compress -> write -> commit -> propagate) per block -> writer.
 
 Only one decoder block's weights are materialized at a time. Calibration hidden states stay on
-the host and are streamed through the block on the compute device in chunks.
+the host and are streamed through the block on the compute device in chunks. Every finished
+block is committed (runstate.py), so an interrupted run resumes at the first unfinished block.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,14 +15,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from . import __version__
+from . import __version__, faults, output
 from .calibration import (DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN, calibration_windows,
                           read_calibration_text, text_hash, tokenize)
 from .checkpoint import CheckpointReader
 from .compress import METHODS, BlockResult, compress_block
-from .errors import InputError
+from .errors import InputError, OutputError
 from .modules import build_block
-from .output import OutputWriter
+from .runstate import GracefulStop, Interrupted, RunDir, fingerprint
 from .skeleton import Skeleton
 from .stats import BlockStats, run_block
 
@@ -53,11 +55,22 @@ class CompressOptions:
             raise InputError(f"--device: {self.device!r} is not cpu, cuda or cuda:N")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise InputError(f"--device {self.device}: CUDA is not available on this machine")
+        if self.nsamples < 1 or self.seqlen < 2 or self.batch_tokens < 1:
+            raise InputError("--nsamples, --seqlen and --batch-tokens must be positive (seqlen >= 2)")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def result_options(self, device: torch.device) -> dict:
+        """Every option that changes the output bytes (the run fingerprint)."""
+        opts = asdict(self)
+        opts.pop("calib")  # its content is fingerprinted by hash instead
+        opts["device"] = device.type
+        if self.method != "sola":
+            opts["prime_ratio"] = 0.0
+        return opts
 
 
 @dataclass
@@ -70,7 +83,7 @@ class Summary:
     seconds: float
     blocks: int
     device: str
-    report: list[dict] = field(default_factory=list)
+    resumed_at: int = 0  # first block computed by this call (0: a fresh run)
     final_states: torch.Tensor | None = None  # last block's outputs, when asked for (tests, analysis)
 
 
@@ -89,69 +102,99 @@ def embed_windows(skeleton: Skeleton, windows: torch.Tensor, batch: int) -> tupl
     return torch.cat(chunks), kwargs
 
 
-def compress(model: str, output: str, options: CompressOptions, progress: bool = True,
-             keep_final_states: bool = False) -> Summary:
+def compress(model: str, out: str, options: CompressOptions, progress: bool = True,
+             keep_final_states: bool = False, overwrite: bool = False) -> Summary:
     options.validate()
     t0 = time.time()
     device = options.resolved_device()
     reader = CheckpointReader(model)
     skeleton = Skeleton(reader)
     adapter = skeleton.adapter
+    out_dir = Path(out)
+    if out_dir.resolve() == reader.path.resolve():
+        raise OutputError(f"{out_dir}: output directory is the input model directory")
     tokenizer = load_tokenizer(reader.path)
     text, calib_desc = read_calibration_text(options.calib)
-    ids = tokenize(tokenizer, text, add_special_tokens=False)
-    windows = calibration_windows(ids, options.nsamples, options.seqlen, options.seed, calib_desc)
+    windows = calibration_windows(tokenize(tokenizer, text, add_special_tokens=False), options.nsamples,
+                                  options.seqlen, options.seed, calib_desc)
     batch = max(1, options.batch_tokens // options.seqlen)
-    writer = OutputWriter(Path(output), reader)
-    states, kwargs = embed_windows(skeleton, windows, batch)
-    _check_finite(states, "calibration states after the embeddings")
+    fp = fingerprint(reader, options.result_options(device), text_hash(text))
 
-    report: list[dict] = []
-    bar = tqdm(range(skeleton.num_blocks), desc="compress", unit="block", disable=not progress)
-    for i in bar:
-        prefix = adapter.block_prefix(i)
-        weights = reader.tensors(prefix)
-        _check_finite_weights(weights, reader, prefix)
-        storage = weights[adapter.linears[0] + ".weight"].dtype
-        block = build_block(skeleton.meta_block(i), weights, None, device, torch.float32)
-        stats = BlockStats(block, adapter)
-        # one copy of the states: the original block's outputs replace them only when propagating those
-        keep_original = options.propagate == "original"
-        run_block(block, states, kwargs[i], device, batch, out=states if keep_original else None)
-        stats.remove()
-        del block
-        result = compress_block(weights, stats.cov, stats.neuron_scores(), adapter, options.method,
-                                options.ratio, options.prime_ratio, storage)
-        del stats
-        writer.write_block(i, prefix, result)
-        if not keep_original:
-            cblock = build_block(skeleton.meta_block(i), result.tensors, result.specs, device, torch.float32)
-            run_block(cblock, states, kwargs[i], device, batch, out=states)
-            del cblock
-        _check_finite(states, f"calibration states after block {i}")
-        report.append(_block_report(i, result))
-        bar.set_postfix(kept=f"{result.kept_params / result.dense_params:.3f}")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    writer.finish(_sola_section(options, calib_desc, text, report, writer, reader, adapter),
-                  adapter.layers_path + ".")
-    summary = Summary(output=str(writer.out_dir), method=options.method, target_ratio=options.ratio,
-                      achieved_ratio_blocks=writer.ratio_blocks(), achieved_ratio_model=writer.ratio_model(),
-                      seconds=time.time() - t0, blocks=skeleton.num_blocks, device=str(device), report=report,
-                      final_states=states if keep_final_states else None)
-    return summary
+    with RunDir(out_dir, fp, overwrite) as run, GracefulStop() as stop:
+        if run.finished:
+            return _summary(out_dir, options, t0, skeleton.num_blocks, device, skeleton.num_blocks, None)
+        run.cleanup_orphans()
+        start = run.next_block
+        if start < skeleton.num_blocks:
+            states, kwargs = embed_windows(skeleton, windows[:1], 1) if start else embed_windows(skeleton, windows, batch)
+            if start:
+                states = run.load_states()
+            else:
+                _check_finite(states, "calibration states after the embeddings")
+                run.save_initial_states(states)
+        bar = tqdm(range(start, skeleton.num_blocks), desc="compress", unit="block", disable=not progress,
+                   initial=start, total=skeleton.num_blocks)
+        for i in bar:
+            result = _compress_one(i, reader, skeleton, states, kwargs[i], options, device, batch)
+            output.write_block(out_dir, i, adapter.block_prefix(i), result.tensors)
+            faults.hit("block_written")
+            last = i == skeleton.num_blocks - 1
+            run.commit_block(i, _block_entry(i, result), None if last and not keep_final_states else states)
+            faults.hit("block_committed")
+            bar.set_postfix(kept=f"{result.kept_params / result.dense_params:.3f}")
+            if stop.requested and not last:
+                bar.close()
+                raise Interrupted(f"{out_dir}: stopped by signal after block {i} of {skeleton.num_blocks}; "
+                                  "run the same command again to resume")
+        sola = _sola_section(options, calib_desc, run.manifest, reader, adapter, fp)
+        output.finish(out_dir, reader, skeleton.num_blocks, adapter.layers_path + ".", sola)
+        faults.hit("config_written")
+        run.complete()
+    final = states if keep_final_states and start < skeleton.num_blocks else None
+    return _summary(out_dir, options, t0, skeleton.num_blocks, device, start, final)
 
 
-def _block_report(i: int, result: BlockResult) -> dict:
-    return {"block": i, "dense_params": result.dense_params, "kept_params": result.kept_params,
-            "layers": result.specs, "whitened_error": {k: round(v, 6) for k, v in result.error.items()},
-            "damping": result.damping}
+def _compress_one(i: int, reader: CheckpointReader, skeleton: Skeleton, states: torch.Tensor, kwargs: dict,
+                  options: CompressOptions, device: torch.device, batch: int) -> BlockResult:
+    """Statistics, compression and propagation of block i. `states` are replaced in place by the
+    next block's inputs (one copy of the states at any time)."""
+    adapter = skeleton.adapter
+    prefix = adapter.block_prefix(i)
+    weights = reader.tensors(prefix)
+    _check_finite_weights(weights, reader, prefix)
+    storage = weights[adapter.linears[0] + ".weight"].dtype
+    block = build_block(skeleton.meta_block(i), weights, None, device, torch.float32)
+    stats = BlockStats(block, adapter)
+    keep_original = options.propagate == "original"
+    run_block(block, states, kwargs, device, batch, out=states if keep_original else None)
+    stats.remove()
+    del block
+    result = compress_block(weights, stats.cov, stats.neuron_scores(), adapter, options.method,
+                            options.ratio, options.prime_ratio, storage)
+    del stats
+    if not keep_original:
+        cblock = build_block(skeleton.meta_block(i), result.tensors, result.specs, device, torch.float32)
+        run_block(cblock, states, kwargs, device, batch, out=states)
+        del cblock
+    _check_finite(states, f"calibration states after block {i}")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
 
 
-def _sola_section(options: CompressOptions, calib_desc: str, text: str, report: list[dict],
-                  writer: OutputWriter, reader: CheckpointReader, adapter) -> dict:
-    opts = asdict(options)
+def _block_entry(i: int, result: BlockResult) -> dict:
+    return {"block": i, "shard": output.block_shard_name(i), "dense_params": result.dense_params,
+            "kept_params": result.kept_params, "layers": result.specs,
+            "whitened_error": {k: round(v, 6) for k, v in result.error.items()}, "damping": result.damping}
+
+
+def _sola_section(options: CompressOptions, calib_desc: str, manifest: dict, reader: CheckpointReader,
+                  adapter, fp: dict) -> dict:
+    blocks = manifest["blocks"]
+    dense = sum(b["dense_params"] for b in blocks)
+    kept = sum(b["kept_params"] for b in blocks)
+    model_dense = output.model_params(reader)
+    model_kept = model_dense - (dense - kept)
     return {
         "format_version": 1,
         "package_version": __version__,
@@ -159,17 +202,25 @@ def _sola_section(options: CompressOptions, calib_desc: str, text: str, report: 
         "ratio": options.ratio,
         "prime_ratio": options.prime_ratio if options.method == "sola" else 0.0,
         "ratio_definition": "fraction of decoder-block linear weight parameters removed",
-        "achieved_ratio_blocks": writer.ratio_blocks(),
-        "achieved_ratio_model": writer.ratio_model(),
-        "params": {"blocks_dense": writer.dense_block_params, "blocks_kept": writer.kept_block_params,
-                   "model_dense": writer.model_dense_params(), "model_kept": writer.model_kept_params()},
-        "calibration": {"source": calib_desc, "sha256": text_hash(text), "nsamples": options.nsamples,
+        "achieved_ratio_blocks": 1.0 - kept / dense,
+        "achieved_ratio_model": 1.0 - model_kept / model_dense,
+        "params": {"blocks_dense": dense, "blocks_kept": kept, "model_dense": model_dense, "model_kept": model_kept},
+        "calibration": {"source": calib_desc, "sha256": fp["calibration_sha256"], "nsamples": options.nsamples,
                         "seqlen": options.seqlen, "seed": options.seed},
         "propagate": options.propagate,
-        "options": {k: opts[k] for k in ("batch_tokens",)},
         "linears": list(adapter.linears),
-        "blocks": [{"layers": r["layers"], "whitened_error": r["whitened_error"]} for r in report],
+        "blocks": [{"layers": b["layers"], "whitened_error": b["whitened_error"]} for b in blocks],
+        "fingerprint": fp,
     }
+
+
+def _summary(out_dir: Path, options: CompressOptions, t0: float, n: int, device: torch.device, start: int,
+             final_states) -> Summary:
+    sola = json.loads((out_dir / "config.json").read_text())["sola"]
+    return Summary(output=str(out_dir), method=options.method, target_ratio=options.ratio,
+                   achieved_ratio_blocks=sola["achieved_ratio_blocks"],
+                   achieved_ratio_model=sola["achieved_ratio_model"], seconds=time.time() - t0, blocks=n,
+                   device=str(device), resumed_at=start, final_states=final_states)
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:

@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""WikiText-2 perplexity of a dense model and of its SoLA / SVD-LLM / SVD compressions.
+
+Each run is `sola-stream compress` followed by `sola-stream eval --json` in a subprocess (the
+same commands a user types), so peak RSS and time are per run. Results append to --results as
+JSON lines; a table is printed at the end. Example (docs/BENCHMARKS.md):
+
+  python tools/bench_quality.py --model models/smollm2-135m --ratios 0.2 0.3 --nsamples 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def run(cmd: list[str]) -> tuple[str, float, int]:
+    """stdout, seconds and peak RSS (bytes, from the child's rusage) of one command."""
+    import resource
+
+    t0 = time.time()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return proc.stdout, time.time() - t0, max(peak, before) * 1024
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--text", default=str(Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/wiki.test.raw"))
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3])
+    p.add_argument("--methods", nargs="+", default=["sola", "svd-llm", "svd"])
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=1024, help="calibration window length")
+    p.add_argument("--eval-seqlen", type=int, default=1024)
+    p.add_argument("--max-windows", type=int, default=64)
+    p.add_argument("--propagate", default="compressed")
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--results", default="runs/bench/results.jsonl")
+    p.add_argument("--skip-dense", action="store_true")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cli = [sys.executable, "-m", "sola_stream"]
+    evalargs = ["--text", args.text, "--seqlen", str(args.eval_seqlen), "--max-windows", str(args.max_windows),
+                "--json", "--no-progress"]
+    rows = []
+    jobs = ([] if args.skip_dense else [("dense", 0.0)]) + [(m, r) for r in args.ratios for m in args.methods]
+    for method, ratio in jobs:
+        row = {"method": method, "ratio": ratio, "nsamples": args.nsamples, "calib_seqlen": args.seqlen,
+               "propagate": args.propagate}
+        target = args.model
+        if method != "dense":
+            target = str(out / f"{method}-{ratio}-{args.nsamples}x{args.seqlen}-{args.propagate}")
+            subprocess.run(["rm", "-rf", target], check=True)
+            _, secs, rss = run([*cli, "compress", args.model, target, "--method", method, "--ratio", str(ratio),
+                                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+                                "--propagate", args.propagate, "--no-progress"])
+            sola = json.loads((Path(target) / "config.json").read_text())["sola"]
+            row.update(compress_seconds=round(secs, 1), compress_peak_rss_gib=round(rss / 2**30, 3),
+                       achieved_ratio_blocks=round(sola["achieved_ratio_blocks"], 4),
+                       achieved_ratio_model=round(sola["achieved_ratio_model"], 4))
+        stdout, secs, _ = run([*cli, "eval", target, *evalargs])
+        res = json.loads(stdout.strip().splitlines()[-1])
+        row.update(ppl=round(res["ppl"], 3), windows=res["windows"], eval_seqlen=res["seqlen"],
+                   eval_seconds=round(secs, 1))
+        rows.append(row)
+        with open(args.results, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
