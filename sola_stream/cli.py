@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"compress": _compress, "eval": _eval, "inspect": _inspect}[args.command](args)
     except SolaError as exc:
-        print(f"sola-stream: error: {exc}", file=sys.stderr)
+        print(f"sola-stream: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
         return exc.exit_code
     except KeyboardInterrupt:
         print("sola-stream: interrupted; finished blocks are kept, run the same command to resume", file=sys.stderr)

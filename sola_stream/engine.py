@@ -166,7 +166,10 @@ def _compress_one(i: int, reader: CheckpointReader, skeleton: Skeleton, states: 
     block = build_block(skeleton.meta_block(i), weights, None, device, torch.float32)
     stats = BlockStats(block, adapter)
     keep_original = options.propagate == "original"
-    run_block(block, states, kwargs, device, batch, out=states if keep_original else None)
+    try:
+        run_block(block, states, kwargs, device, batch, out=states if keep_original else None)
+    except FloatingPointError as exc:
+        raise InputError(f"calibration states in block {i} ({prefix}*): NaN or Inf values: {exc}") from None
     stats.remove()
     del block
     result = compress_block(weights, stats.cov, stats.neuron_scores(), adapter, options.method,
@@ -174,7 +177,10 @@ def _compress_one(i: int, reader: CheckpointReader, skeleton: Skeleton, states: 
     del stats
     if not keep_original:
         cblock = build_block(skeleton.meta_block(i), result.tensors, result.specs, device, torch.float32)
-        run_block(cblock, states, kwargs, device, batch, out=states)
+        try:
+            run_block(cblock, states, kwargs, device, batch, out=states)
+        except FloatingPointError as exc:
+            raise InputError(f"calibration states after compressed block {i}: NaN or Inf values: {exc}") from None
         del cblock
     _check_finite(states, f"calibration states after block {i}")
     if device.type == "cuda":

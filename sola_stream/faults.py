@@ -1,7 +1,8 @@
 """Named crash points for fault-injection tests (tests/test_resume.py).
 
 With SOLA_STREAM_CRASH_AT="POINT:N" in the environment, the N-th time the process reaches POINT
-it kills itself with SIGKILL, as a power cut or OOM kill would. Unset, `hit` costs one lookup.
+it kills itself with SIGKILL, as a power cut or an OOM kill would; "POINT:N:TERM" sends SIGTERM
+instead (a polite stop request, as a cluster scheduler sends). Unset, `hit` costs one lookup.
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ _TARGET = os.environ.get("SOLA_STREAM_CRASH_AT")
 def hit(point: str) -> None:
     if not _TARGET:
         return
-    name, _, n = _TARGET.partition(":")
+    name, n, sig = (_TARGET.split(":") + ["1", "KILL"])[:3]
     if name != point:
         return
     _counts[point] = _counts.get(point, 0) + 1
-    if _counts[point] == int(n or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _counts[point] == int(n):
+        os.kill(os.getpid(), signal.SIGTERM if sig == "TERM" else signal.SIGKILL)

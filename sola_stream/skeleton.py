@@ -8,6 +8,7 @@ keyword arguments (masks, position embeddings) that the family passes to every b
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import torch
 from accelerate import init_empty_weights
@@ -41,6 +42,8 @@ class _Recorder(nn.Module):
 
 
 def load_config(reader: CheckpointReader):
+    # refuse unknown families before transformers does (its message is long and suggests upgrading)
+    adapter_for(SimpleNamespace(model_type=reader.config_dict.get("model_type")), str(reader.path / "config.json"))
     try:
         config = AutoConfig.from_pretrained(str(reader.path))
     except Exception as exc:
@@ -69,7 +72,13 @@ class Skeleton:
 
     def _load_outer(self, model: nn.Module) -> None:
         prefix = self.adapter.layers_path + "."
-        state = {n: self.reader.get(n).to(self.dtype) for n in self.reader.weight_map if not n.startswith(prefix)}
+        state = {}
+        for name in self.reader.weight_map:
+            if not name.startswith(prefix):
+                t = self.reader.get(name)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise InputError(f"{self.reader.path / self.reader.weight_map[name]}: tensor {name!r} has NaN or Inf")
+                state[name] = t.to(self.dtype)
         expected = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
         unknown = sorted(set(state) - expected)
         if unknown:

@@ -1,0 +1,344 @@
+"""Bad inputs through the CLI: each one gets a one-line error naming the problem and the file,
+tensor or option, exit code 2, the input left untouched and no output that looks complete
+(no config.json)."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+import sola_stream.checkpoint
+from sola_stream.checkpoint import INDEX_NAME
+from sola_stream.cli import main
+
+from conftest import CALIB_TEXT, make_tiny
+
+FAST = ["--nsamples", "4", "--seqlen", "32", "--no-progress"]
+PREFIX = "sola-stream: error:"
+
+
+# -- helpers -----------------------------------------------------------------------------------
+@pytest.fixture
+def model(tmp_path, tiny_tokenizer) -> Path:
+    """A fresh sharded tiny llama, owned by this test (free to damage)."""
+    return make_tiny("llama", tmp_path / "model", tiny_tokenizer, shards=True)
+
+
+@pytest.fixture(scope="module")
+def small_calib(tmp_path_factory) -> Path:
+    """A short slice of the shipped calibration text: tokenizing all of it costs seconds per run."""
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(CALIB_TEXT.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def compress(capsys, small_calib):
+    """Run `sola-stream compress MODEL OUT` in-process: (exit code, stdout, stderr).
+    Options in `extra` come last, so they override the defaults here."""
+    calib_before = snapshot(small_calib)
+
+    def run(model_dir, out_dir, *extra) -> tuple[int, str, str]:
+        code = main(["compress", str(model_dir), str(out_dir), *FAST, "--calib", str(small_calib),
+                     *map(str, extra)])
+        out, err = capsys.readouterr()
+        assert snapshot(small_calib) == calib_before, "the calibration text was changed"
+        return code, out, err
+    return run
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under (or at) each root, keyed by path."""
+    files = {}
+    for root in roots:
+        for p in ([root] if root.is_file() else sorted(root.rglob("*"))):
+            if p.is_file():
+                files[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return files
+
+
+def shard_of(model_dir: Path, tensor: str) -> Path:
+    return model_dir / json.loads((model_dir / INDEX_NAME).read_text())["weight_map"][tensor]
+
+
+def shards(model_dir: Path) -> list[Path]:
+    return sorted(model_dir / s for s in set(json.loads((model_dir / INDEX_NAME).read_text())["weight_map"].values()))
+
+
+def error_line(err: str) -> str:
+    """The one non-empty line of stderr, which must be the CLI's error line."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected exactly one non-empty stderr line, got {len(lines)}:\n{err}"
+    assert lines[0].startswith(PREFIX), lines[0]
+    return lines[0]
+
+
+def assert_refused(code: int, err: str, before: dict, after_roots: tuple[Path, ...], out_dir: Path | None,
+                   *names: str, exit_code: int = 2) -> str:
+    """Exit code, one error line naming every string in `names`, inputs unchanged, output not complete."""
+    line = error_line(err)
+    assert code == exit_code, f"exit code {code}, expected {exit_code}: {line}"
+    for name in names:
+        assert name in line, f"{name!r} not named in: {line}"
+    assert snapshot(*after_roots) == before, "an input file was changed, added or removed"
+    if out_dir is not None:
+        assert not (out_dir / "config.json").exists(), "the output looks complete (config.json written)"
+        if out_dir.is_dir():
+            assert not list(out_dir.rglob(".*.tmp")), "temporary files left in the output"
+    return line
+
+
+def set_tensor(path: Path, name: str, edit) -> None:
+    tensors = load_file(str(path))
+    t = tensors[name].clone()
+    edit(t)
+    tensors[name] = t
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+# -- 1. missing shard --------------------------------------------------------------------------
+def test_missing_shard(model, tmp_path, compress):
+    gone = shards(model)[-1]
+    gone.unlink()
+    before = snapshot(model)
+    out = tmp_path / "out"
+    code, _, err = compress(model, out)
+    line = assert_refused(code, err, before, (model,), out, gone.name)
+    assert "missing" in line
+
+
+# -- 2. truncated or corrupt shard -------------------------------------------------------------
+@pytest.mark.parametrize("which", [0, -1])
+def test_truncated_shard(model, tmp_path, compress, which):
+    shard = shards(model)[which]
+    os.truncate(shard, shard.stat().st_size - 16)
+    before = snapshot(model)
+    out = tmp_path / "out"
+    code, _, err = compress(model, out)
+    assert_refused(code, err, before, (model,), out, shard.name)
+
+
+def test_corrupt_shard_header(model, tmp_path, compress):
+    shard = shards(model)[0]
+    data = bytearray(shard.read_bytes())
+    data[:8] = b"\xde\xad\xbe\xef\xff\xff\xff\x7f"  # header length: garbage
+    shard.write_bytes(bytes(data))
+    before = snapshot(model)
+    out = tmp_path / "out"
+    code, _, err = compress(model, out)
+    assert_refused(code, err, before, (model,), out, shard.name)
+
+
+# -- 3. index names a tensor its shard lacks ---------------------------------------------------
+def test_index_names_absent_tensor(model, tmp_path, compress):
+    index_path = model / INDEX_NAME
+    index = json.loads(index_path.read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    bogus = "model.layers.0.mlp.bogus_proj.weight"
+    index["weight_map"][bogus] = shard
+    index_path.write_text(json.dumps(index, indent=2))
+    before = snapshot(model)
+    out = tmp_path / "out"
+    code, _, err = compress(model, out)
+    assert_refused(code, err, before, (model,), out, shard, bogus)
+
+
+# -- 4. unsupported architecture ---------------------------------------------------------------
+@pytest.mark.parametrize("model_type", ["falcon_mamba_x", "gpt2"])
+def test_unsupported_architecture(model, tmp_path, compress, model_type):
+    config_path = model / "config.json"
+    config = json.loads(config_path.read_text())
+    config["model_type"] = model_type
+    config_path.write_text(json.dumps(config, indent=2))
+    before = snapshot(model)
+    out = tmp_path / "out"
+    code, _, err = compress(model, out)
+    line = assert_refused(code, err, before, (model,), out, "config.json", model_type)
+    assert "unsupported" in line.lower() or "not supported" in line.lower(), line
+
+
+# -- 5. ratios out of range --------------------------------------------------------------------
+@pytest.mark.parametrize("option,value", [("--ratio", "0"), ("--ratio", "1.0"), ("--ratio", "1.5"),
+                                          ("--ratio", "-0.1"), ("--prime-ratio", "1.0"),
+                                          ("--prime-ratio", "-0.2")])
+def test_ratio_out_of_range(model, tmp_path, compress, option, value):
+    before = snapshot(model)
+    out = tmp_path / "out"
+    code, _, err = compress(model, out, f"{option}={value}")
+    assert_refused(code, err, before, (model,), out, option, value)
+    assert not out.exists(), "output directory created for a rejected option"
+
+
+# -- 6. calibration text too short -------------------------------------------------------------
+def test_calibration_text_few_words(model, tmp_path, compress):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("only a few words here\n", encoding="utf-8")
+    before = snapshot(model, calib)
+    out = tmp_path / "out"
+    code, _, err = compress(model, out, "--calib", calib)
+    line = assert_refused(code, err, before, (model, calib), out, str(calib))
+    assert "tokens" in line
+
+
+def test_calibration_text_too_short_for_windows(model, tmp_path, compress):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"word{i} of the calibration text." for i in range(60)) + "\n", encoding="utf-8")
+    before = snapshot(model, calib)
+    out = tmp_path / "out"
+    code, _, err = compress(model, out, "--calib", calib, "--nsamples", 2000, "--seqlen", 64)
+    line = assert_refused(code, err, before, (model, calib), out, str(calib))
+    assert "too short" in line and "2000" in line
+
+
+# -- 7. tokenizer missing ----------------------------------------------------------------------
+def test_tokenizer_missing(model, tmp_path, compress):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).unlink()
+    before = snapshot(model)
+    out = tmp_path / "out"
+    code, _, err = compress(model, out)
+    line = assert_refused(code, err, before, (model,), out, str(model))
+    assert "tokenizer" in line
+
+
+# -- 8. non-finite weights ---------------------------------------------------------------------
+def test_nan_in_block_weight(model, tmp_path, compress):
+    name = "model.layers.1.mlp.up_proj.weight"
+    shard = shard_of(model, name)
+    set_tensor(shard, name, lambda t: t.view(-1).__setitem__(7, float("nan")))
+    before = snapshot(model)
+    out = tmp_path / "out"
+    code, _, err = compress(model, out)
+    line = assert_refused(code, err, before, (model,), out, name, shard.name)
+    assert "NaN" in line
+
+
+def test_inf_in_embedding(model, tmp_path, compress):
+    name = "model.embed_tokens.weight"
+    set_tensor(shard_of(model, name), name, lambda t: t[:, 0].fill_(float("inf")))
+    before = snapshot(model)
+    out = tmp_path / "out"
+    code, _, err = compress(model, out)
+    line = assert_refused(code, err, before, (model,), out, name)
+    assert "Inf" in line and ".safetensors" in line
+
+
+def test_nonfinite_calibration_states(model, tmp_path, compress):
+    """Finite weights whose outputs overflow: the states entering the next block are not finite."""
+    name = "model.layers.0.mlp.down_proj.weight"
+    set_tensor(shard_of(model, name), name, lambda t: t.fill_(3e38))
+    before = snapshot(model)
+    out = tmp_path / "out"
+    code, _, err = compress(model, out)
+    line = assert_refused(code, err, before, (model,), out, "calibration states")
+    assert "block 0" in line and "NaN or Inf" in line
+
+
+# -- 9. disk full while writing ----------------------------------------------------------------
+def _fail_second_save(monkeypatch) -> list[Path]:
+    """Make sola_stream.checkpoint.save_file raise ENOSPC on its 2nd call; returns the paths it saw."""
+    real = sola_stream.checkpoint.save_file
+    seen: list[Path] = []
+
+    def fake(tensors, filename, *args, **kwargs):
+        seen.append(Path(filename))
+        if len(seen) == 2:
+            Path(filename).write_bytes(b"partial")  # as a real full disk would leave it
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(sola_stream.checkpoint, "save_file", fake)
+    return seen
+
+
+def test_disk_full_then_resume(model, tmp_path, compress, monkeypatch):
+    before = snapshot(model)
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        seen = _fail_second_save(m)
+        code, _, err = compress(model, out)
+    assert len(seen) == 2, f"save_file called {len(seen)} times"
+    failed = seen[1]  # the temp name of the file being written
+    final_name = failed.name[1:-len(".tmp")] if failed.name.startswith(".") and failed.name.endswith(".tmp") \
+        else failed.name
+    line = assert_refused(code, err, before, (model,), out, final_name)
+    assert "disk full" in line.lower(), line
+    assert not list(out.rglob("*.tmp")), "temporary files left in the output"
+
+    code, stdout, err = compress(model, out)
+    assert code == 0, err
+    assert (out / "config.json").is_file()
+    assert not (out / ".sola-run").exists()
+    assert not list(out.rglob("*.tmp"))
+    assert snapshot(model) == before
+
+
+# -- 10. output directory holding something else -----------------------------------------------
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_dir_not_ours(model, tmp_path, compress, overwrite):
+    out = tmp_path / "out"
+    out.mkdir()
+    notes = out / "notes.txt"
+    notes.write_text("my notes, not a model\n")
+    before = snapshot(model, out)
+    code, _, err = compress(model, out, *(["--overwrite"] if overwrite else []))
+    assert_refused(code, err, before, (model, out), out, str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+# -- 11. output directory is the input directory -----------------------------------------------
+@pytest.mark.parametrize("spelling", ["same", "symlink"])
+def test_output_is_input(model, tmp_path, compress, spelling):
+    out = model
+    if spelling == "symlink":
+        out = tmp_path / "link"
+        out.symlink_to(model, target_is_directory=True)
+    before = snapshot(model)
+    code, _, err = compress(model, out)
+    line = assert_refused(code, err, before, (model,), None, str(out))
+    assert "input" in line
+    assert not (model / ".sola-run").exists()
+
+
+# -- 12. output holding a run of other options -------------------------------------------------
+def test_finished_run_other_options(model, tmp_path, compress):
+    out = tmp_path / "out"
+    code, _, err = compress(model, out, "--ratio", "0.2")
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["sola"]["ratio"] == 0.2
+    before = snapshot(model, out)
+
+    code, _, err = compress(model, out, "--ratio", "0.3")
+    line = error_line(err)
+    assert code == 2, line
+    assert str(out) in line and "--overwrite" in line
+    assert snapshot(model, out) == before, "the earlier output or the input was changed"
+
+    code, _, err = compress(model, out, "--ratio", "0.3", "--overwrite")
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["sola"]["ratio"] == 0.3
+    assert snapshot(model) == {k: v for k, v in before.items() if k.startswith(str(model) + os.sep)}
+
+
+def test_unfinished_run_other_options(model, tmp_path, compress, monkeypatch):
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:  # leave an unfinished run at ratio 0.2 (disk full at block 0)
+        _fail_second_save(m)
+        code, _, err = compress(model, out, "--ratio", "0.2")
+    assert code == 2, err
+    assert (out / ".sola-run").is_dir() and not (out / "config.json").exists()
+    before = snapshot(model, out)
+
+    code, _, err = compress(model, out, "--ratio", "0.3")
+    line = assert_refused(code, err, before, (model, out), out, str(out), "--overwrite")
+    assert "ratio" in line
+
+    code, _, err = compress(model, out, "--ratio", "0.3", "--overwrite")
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["sola"]["ratio"] == 0.3
+    assert not (out / ".sola-run").exists()
