@@ -21,6 +21,7 @@ DEFAULT_SEQLEN = 1024
 DEFAULT_SEED = 0
 # Windows may overlap, but their tokens may cover the text at most this many times over.
 MAX_OVERSAMPLING = 8
+TOKENIZE_PIECE_CHARS = 1 << 16  # calibration text is tokenized in pieces of ~64k characters
 TEXT_SUFFIXES = (".txt", ".raw", ".tokens", ".md", ".text")
 
 
@@ -76,10 +77,31 @@ def _dataset_text(ds, where: str) -> str:
     return "\n\n".join(t for t in ds["text"] if t)
 
 
-def tokenize(tokenizer, text: str, add_special_tokens: bool) -> torch.Tensor:
-    """The whole text as one 1-D tensor of token ids (no length warnings, no truncation)."""
-    ids = tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+def tokenize(tokenizer, text: str, add_special_tokens: bool, piece_chars: int | None = None) -> torch.Tensor:
+    """The text as one 1-D tensor of token ids (no length warnings, no truncation).
+
+    With `piece_chars`, the text is tokenized in pieces of about that many characters, cut where
+    a line starts with a word, optionally after one space (where byte-level BPE pre-tokenizers
+    split anyway, so the ids equal a whole-text tokenization for them):
+    a large calibration corpus then never holds a whole-text encoding (~200 bytes per token) in
+    memory. Evaluation tokenizes the whole text at once, as the perplexity protocol does."""
+    parts = []
+    for piece in _pieces(text, piece_chars):
+        ids = tokenizer(piece, add_special_tokens=add_special_tokens and not parts, verbose=False,
+                        return_attention_mask=False)["input_ids"]
+        parts.append(torch.tensor(ids, dtype=torch.long))
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+
+def _pieces(text: str, size: int | None):
+    start = 0
+    while size and len(text) - start > size:
+        cut = start + size
+        while cut < len(text) and not _line_start(text, cut):
+            cut += 1
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, where: str) -> torch.Tensor:
@@ -94,6 +116,14 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+def _line_start(text: str, i: int) -> bool:
+    if text[i - 1] != "\n":
+        return False
+    if text[i] == " ":
+        i += 1
+    return i < len(text) and not text[i].isspace()
 
 
 def text_hash(text: str) -> str:

@@ -104,8 +104,12 @@ class CheckpointReader:
         return tuple(self._open(self.weight_map[name]).get_slice(name).get_shape())
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """All tensors under `prefix`, keyed by the name relative to it."""
-        return {n[len(prefix):]: self.get(n) for n in self.names(prefix)}
+        """All tensors under `prefix`, keyed by the name relative to it (copies in RAM). The shard
+        maps are dropped afterwards: pages of a mapped 140 GB checkpoint would otherwise stay
+        resident and count against the host-memory budget."""
+        out = {n[len(prefix):]: self.get(n) for n in self.names(prefix)}
+        self._handles.clear()
+        return out
 
     def extra_files(self) -> list[Path]:
         """Tokenizer, generation config and other non-weight files to carry to an output."""
@@ -114,6 +118,16 @@ class CheckpointReader:
             if p.is_file() and p.name not in _NOT_COPIED and not p.name.endswith(_WEIGHT_SUFFIXES)
             and not p.name.startswith(".")
         )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# safetensors creates files readable by the owner only; outputs get the usual umask permissions
+FILE_MODE = 0o666 & ~_umask()
 
 
 def fsync_dir(path: Path) -> None:
@@ -133,7 +147,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(fh.fileno())
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise _write_error(path, exc) from None
+        raise write_error(path, exc) from None
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -149,10 +163,11 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp), metadata={"format": "pt"})
         faults.hit("tensors_written")
         with open(tmp, "rb+") as fh:
+            os.fchmod(fh.fileno(), FILE_MODE)
             os.fsync(fh.fileno())
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise _write_error(path, exc) from None
+        raise write_error(path, exc) from None
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -178,7 +193,7 @@ def copy_extra_files(reader: CheckpointReader, out_dir: Path) -> None:
         atomic_write_bytes(out_dir / src.name, src.read_bytes())
 
 
-def _write_error(path: Path, exc: OSError) -> OutputError:
+def write_error(path: Path, exc: OSError) -> OutputError:
     if exc.errno == errno.ENOSPC:
         return OutputError(f"{path}: disk full while writing (no space left on device); free space and run "
                            "the same command again to resume")

@@ -26,10 +26,44 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("compress", help="compress a checkpoint into a new directory",
-                       description="Compress MODEL (checkpoint directory or hub id) into OUTPUT.",
+                       description="Compress MODEL (checkpoint directory or hub id) into OUTPUT. Run the "
+                       "same command again to resume an interrupted run.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("model", help="Hugging Face checkpoint directory (safetensors) or hub id")
     c.add_argument("output", help="output directory (must be new or empty)")
+    _run_options(c)
+    c.add_argument("--overwrite", action="store_true",
+                   help="discard an unfinished or finished run of this tool in OUTPUT and start over")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    pl = sub.add_parser("plan", help="predict memory, disk and time of a compress run (reads config.json only)",
+                        description="Dry run: predict peak GPU memory, peak host memory, disk use and time per "
+                        "block for these options, from MODEL's config.json alone. Exits 2 when the budgets "
+                        "cannot be met.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pl.add_argument("model", help="checkpoint directory, config.json file or hub id")
+    _run_options(pl)
+    pl.add_argument("--no-measure", action="store_true", help="skip the matmul benchmark behind the time estimate")
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
+
+    e = sub.add_parser("eval", help="WikiText-2 style perplexity, streamed block by block",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("model", help="dense checkpoint or sola_stream output directory")
+    e.add_argument("--text", default=None, help="evaluation text file (default: ../shared WikiText-2 test if "
+                   "found, else required)")
+    e.add_argument("--seqlen", type=int, default=1024, help="tokens per window (non-overlapping)")
+    e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
+    e.add_argument("--device", default="auto", help="cpu, cuda or cuda:N")
+    e.add_argument("--batch-tokens", type=int, default=None, help="tokens per forward chunk (default: CPU 1024, GPU 16384)")
+    e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("inspect", help="show method, ratios and ranks of a compressed directory")
+    i.add_argument("output", help="sola_stream output directory")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def _run_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--ratio", type=float, default=0.2,
                    help="fraction of decoder-block linear weight parameters to remove")
     c.add_argument("--method", default="sola", choices=["sola", "svd-llm", "svd"],
@@ -45,27 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (auto: cuda when available)")
     c.add_argument("--propagate", default="compressed", choices=["compressed", "original"],
                    help="feed the next block the outputs of the compressed block or of the original one")
-    c.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward chunk")
-    c.add_argument("--overwrite", action="store_true",
-                   help="discard an unfinished or finished run of this tool in OUTPUT and start over")
-    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("--max-gpu-memory", type=float, default=None, metavar="GIB",
+                   help="GPU memory budget in GiB (default: the device's total memory)")
+    c.add_argument("--max-host-memory", type=float, default=None, metavar="GIB",
+                   help="host RAM budget in GiB (default: available RAM); the calibration cache spills to "
+                        "memory-mapped files in OUTPUT when it does not fit")
+    c.add_argument("--batch-tokens", type=int, default=None,
+                   help="tokens per forward chunk (default: CPU 1024; GPU the largest that fits the budget)")
 
-    e = sub.add_parser("eval", help="WikiText-2 style perplexity, streamed block by block",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    e.add_argument("model", help="dense checkpoint or sola_stream output directory")
-    e.add_argument("--text", default=None, help="evaluation text file (default: ../shared WikiText-2 test if "
-                   "found, else required)")
-    e.add_argument("--seqlen", type=int, default=1024, help="tokens per window (non-overlapping)")
-    e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
-    e.add_argument("--device", default="auto", help="cpu, cuda or cuda:N")
-    e.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward chunk")
-    e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    i = sub.add_parser("inspect", help="show method, ratios and ranks of a compressed directory")
-    i.add_argument("output", help="sola_stream output directory")
-    i.add_argument("--json", action="store_true", help="print one JSON object")
-    return p
+def _options(args):
+    from .engine import CompressOptions
+
+    return CompressOptions(method=args.method, ratio=args.ratio, prime_ratio=args.prime_ratio, calib=args.calib,
+                           nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
+                           propagate=args.propagate, batch_tokens=args.batch_tokens,
+                           max_gpu_memory=args.max_gpu_memory, max_host_memory=args.max_host_memory)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"compress": _compress, "eval": _eval, "inspect": _inspect}[args.command](args)
+        return {"compress": _compress, "plan": _plan, "eval": _eval, "inspect": _inspect}[args.command](args)
     except SolaError as exc:
         print(f"sola-stream: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
         return exc.exit_code
@@ -83,12 +112,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _compress(args) -> int:
-    from .engine import CompressOptions, compress
+    from .engine import compress
     from .memory import PeakMemory, gib
 
-    opts = CompressOptions(method=args.method, ratio=args.ratio, prime_ratio=args.prime_ratio, calib=args.calib,
-                           nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
-                           propagate=args.propagate, batch_tokens=args.batch_tokens)
+    opts = _options(args)
     with PeakMemory() as mem:
         s = compress(args.model, args.output, opts, progress=not args.no_progress, overwrite=args.overwrite)
     alloc, reserved = PeakMemory.peak_gpu()
@@ -100,10 +127,31 @@ def _compress(args) -> int:
           f"{s.achieved_ratio_model:.4f} of all model parameters")
     done = s.blocks - s.resumed_at
     print(f"  blocks          {s.blocks}" + (f", {s.seconds / done:.1f} s per block" if done else ", already complete"))
+    print(f"  calibration     {opts.nsamples} x {opts.seqlen} tokens, cache "
+          f"{'spilled to disk' if s.states_on_disk else 'in RAM'}")
     print(f"  peak memory     host RSS {gib(mem.peak_rss)}" +
           (f", GPU allocated {gib(alloc)} / reserved {gib(reserved)}" if alloc else ""))
     print(f"  output          {s.output}")
     return 0
+
+
+def _plan(args) -> int:
+    from .plan import available_host_memory, make_plan, read_config
+
+    opts = _options(args)
+    opts.validate(need_device=False)
+    cfg = read_config(args.model)
+    device = opts.plan_device()
+    p = make_plan(cfg, opts, device, budget_host=None if opts.max_host_memory else available_host_memory(),
+                  measure=not args.no_measure and (device.type == "cpu" or torch_cuda()))
+    print(json.dumps(p.as_dict()) if args.json else p.describe())
+    return 2 if p.problems else 0
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _eval(args) -> int:

@@ -50,23 +50,27 @@ def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tenso
                    adapter: Adapter, method: str, ratio: float, prime_ratio: float,
                    storage_dtype: torch.dtype) -> BlockResult:
     """`weights`: block tensors by name relative to the block (linears' `.weight`, biases, norms).
-    `covs`: input covariances by group key (see stats.py). Returns the compressed tensors."""
+    `covs`: input covariances by group key (see stats.py); the FFN-neuron one is consumed (removed
+    from the dict once whitened, so a 70B block's 3 GiB matrix does not outlive its use).
+    Returns the compressed tensors."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
     linears = adapter.linears
     shapes = {n: tuple(weights[n + ".weight"].shape) for n in linears}
     dense_params = sum(m * n for m, n in shapes.values())
     whiteners: dict[str, tuple[torch.Tensor, float]] = {}
+    dev = next(iter(covs.values())).device  # decompositions run where the statistics are
 
     def whitener(key: str, index: torch.Tensor | None = None):
         wkey = key if index is None else key + ":marginal"
         if method == "svd":
             return None
         if wkey not in whiteners:
-            c = covs[key].double()
-            if index is not None:
-                c = c[index][:, index]
+            c = covs[key] if index is None else covs[key][index][:, index]
+            if key == "ffn_mid":  # the largest statistic, used once: free it early (see plan.py)
+                covs.pop(key)
             whiteners[wkey] = cholesky_whitener(c, what=f"{key} covariance")
+            del c
         return whiteners[wkey][0]
 
     ffn = (*adapter.ffn_in, adapter.ffn_out)
@@ -86,13 +90,13 @@ def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tenso
         if split and name in ffn:
             if name == adapter.ffn_out:
                 targets[name] = w[:, marginal]
-                spectra[name] = spectrum(targets[name], whitener(key, marginal.to(covs[key].device)))
+                spectra[name] = spectrum(targets[name], whitener(key, marginal.to(dev)), dev)
             else:
                 targets[name] = w[marginal]
-                spectra[name] = spectrum(targets[name], whitener(key))
+                spectra[name] = spectrum(targets[name], whitener(key), dev)
         else:
             targets[name] = w
-            spectra[name] = spectrum(w, whitener(key))
+            spectra[name] = spectrum(w, whitener(key), dev)
 
     keep = 1.0 - ratio
     if method == "sola":
@@ -111,7 +115,7 @@ def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tenso
     error: dict[str, float] = {}
     for name in linears:
         w, bias = weights[name + ".weight"], weights.get(name + ".bias")
-        rank, sp = ranks[name], spectra[name]
+        rank, sp = ranks[name], spectra.pop(name)
         total = float(sp.energy.sum()) or 1.0
         error[name] = 0.0 if rank is None else float(sp.energy[rank:].sum()) / total
         spec: dict = {"rank": rank}
@@ -131,7 +135,8 @@ def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tenso
             own.update(_factored(w, sp, rank, ""))
             if bias is not None:
                 own["bias"] = bias
-        tensors.update({f"{name}.{k}": v.to(storage_dtype).contiguous() for k, v in own.items()})
+        tensors.update({f"{name}.{k}": v.to("cpu", storage_dtype).contiguous() for k, v in own.items()})
+        del sp  # frees this layer's basis before the next layer's factors
         specs[name] = spec
     kept = sum(linear_params(specs[n], *shapes[n]) for n in linears)
     return BlockResult(tensors=tensors, specs=specs, dense_params=dense_params, kept_params=kept, error=error,

@@ -28,18 +28,26 @@ def cholesky_whitener(cov: torch.Tensor, what: str = "covariance") -> tuple[torc
     Returns (L, damping) where damping is the absolute value added to the diagonal
     (0.0 when C factored as is). Dead inputs (zero rows) are why C is often singular.
     """
-    c = cov.to(torch.float64)
-    c = 0.5 * (c + c.T)  # accumulated in float32: symmetrize before factoring
-    scale = float(c.diagonal().abs().mean()) or 1.0
+    # Only the lower triangle is read, so the float32 accumulation's tiny asymmetry is harmless
+    # and no symmetrized copy is made; damping is added to the diagonal in place (one n x n
+    # float64 matrix plus its factor: the memory floor of this step).
+    if not torch.isfinite(cov).all():
+        raise ValueError(f"{what}: NaN or Inf values (NaN/Inf in calibration states?)")
+    c = cov.to(torch.float64, copy=True)
+    diag = c.diagonal()
+    scale = float(diag.abs().mean()) or 1.0
+    added = 0.0
     for step in _DAMPING_STEPS:
         damping = step * scale
-        mat = c if damping == 0.0 else c + damping * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-        L, info = torch.linalg.cholesky_ex(mat)
+        diag.add_(damping - added)
+        added = damping
+        L, info = torch.linalg.cholesky_ex(c)
         # a factorization that "succeeds" with a vanishing pivot is as unusable as a failed one
         if int(info) == 0 and float(L.diagonal().min()) ** 2 >= _MIN_PIVOT * scale:
             if damping:
                 log.info("%s: not positive definite, damped diagonal by %.3g", what, damping)
             return L, damping
+        del L
     raise ValueError(f"{what}: Cholesky failed even with damping {damping:.3g} (NaN/Inf in calibration states?)")
 
 
@@ -51,7 +59,7 @@ class Spectrum:
     basis: right singular vectors (n x r) when n <= m, left ones (m x r) otherwise.
     """
 
-    weight: torch.Tensor  # float64, m x n
+    weight: torch.Tensor  # m x n, as given (any dtype/device; converted when factors are made)
     whitener: torch.Tensor | None  # L (n x n, lower) or None for plain SVD
     energy: torch.Tensor
     basis: torch.Tensor
@@ -63,7 +71,8 @@ class Spectrum:
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank-`rank` factors (A: m x k, B: k x n) minimizing the whitened error."""
-        w, L = self.weight, self.whitener
+        L = self.whitener
+        w = self.weight.to(self.basis.device, torch.float64)
         if self.right:
             v = self.basis[:, :rank]  # n x k
             a = (w @ L @ v) if L is not None else w @ v
@@ -78,20 +87,24 @@ class Spectrum:
         return a.contiguous(), b.contiguous()
 
 
-def spectrum(weight: torch.Tensor, whitener: torch.Tensor | None) -> Spectrum:
+def spectrum(weight: torch.Tensor, whitener: torch.Tensor | None, device: torch.device | None = None) -> Spectrum:
     """Eigendecomposition of the smaller Gram matrix of W L (equivalent to its SVD).
 
     The Gram route is several times faster than a full SVD for the tall matrices of an FFN,
     and float64 keeps the squared condition number harmless for truncation purposes.
     """
-    w = weight.to(torch.float64)
-    m = w @ whitener if whitener is not None else w
+    device = device or (whitener.device if whitener is not None else weight.device)
+    m = weight.to(device, torch.float64)
+    if whitener is not None:
+        m = m @ whitener
     right = m.shape[1] <= m.shape[0]
     gram = m.T @ m if right else m @ m.T
+    del m
     evals, evecs = torch.linalg.eigh(gram)
+    del gram
     energy = evals.flip(0).clamp_min(0.0)
     basis = evecs.flip(1)
-    return Spectrum(weight=w, whitener=whitener, energy=energy, basis=basis, right=right)
+    return Spectrum(weight=weight, whitener=whitener, energy=energy, basis=basis, right=right)
 
 
 def max_useful_rank(m: int, n: int) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -16,14 +16,18 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from . import __version__, faults, output
-from .calibration import (DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN, calibration_windows,
+from .calibration import (DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN, TOKENIZE_PIECE_CHARS, calibration_windows,
                           read_calibration_text, text_hash, tokenize)
 from .checkpoint import CheckpointReader
 from .compress import METHODS, BlockResult, compress_block
 from .errors import InputError, OutputError
+from .memory import release_free_memory
 from .modules import build_block
+from .overlap import Background, Prefetch
+from .plan import available_host_memory, make_plan
 from .runstate import GracefulStop, Interrupted, RunDir, fingerprint
 from .skeleton import Skeleton
+from .states import StateCache
 from .stats import BlockStats, run_block
 
 PROPAGATE = ("compressed", "original")
@@ -40,9 +44,11 @@ class CompressOptions:
     seed: int = DEFAULT_SEED
     device: str = "auto"
     propagate: str = "compressed"
-    batch_tokens: int = 8192  # tokens per forward chunk through a block
+    batch_tokens: int | None = None  # tokens per forward chunk (None: planned from the device budget)
+    max_gpu_memory: float | None = None  # GiB; None: the device's total memory
+    max_host_memory: float | None = None  # GiB; None: the host's available memory at the start
 
-    def validate(self) -> None:
+    def validate(self, need_device: bool = True) -> None:
         if self.method not in METHODS:
             raise InputError(f"--method: {self.method!r} is not one of {', '.join(METHODS)}")
         if not 0.0 < self.ratio < 1.0:
@@ -53,20 +59,30 @@ class CompressOptions:
             raise InputError(f"--propagate: {self.propagate!r} is not one of {', '.join(PROPAGATE)}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise InputError(f"--device: {self.device!r} is not cpu, cuda or cuda:N")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
+        if need_device and self.device.startswith("cuda") and not torch.cuda.is_available():
             raise InputError(f"--device {self.device}: CUDA is not available on this machine")
-        if self.nsamples < 1 or self.seqlen < 2 or self.batch_tokens < 1:
+        if self.nsamples < 1 or self.seqlen < 2 or (self.batch_tokens is not None and self.batch_tokens < 1):
             raise InputError("--nsamples, --seqlen and --batch-tokens must be positive (seqlen >= 2)")
+        for name in ("max_gpu_memory", "max_host_memory"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise InputError(f"--{name.replace('_', '-')}: {value} GiB is not positive")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
+    def plan_device(self) -> torch.device:
+        """The device a plan is for: as resolved_device, but `cuda` may be planned without a GPU."""
+        return self.resolved_device() if self.device == "auto" else torch.device(self.device)
+
     def result_options(self, device: torch.device) -> dict:
         """Every option that changes the output bytes (the run fingerprint)."""
         opts = asdict(self)
         opts.pop("calib")  # its content is fingerprinted by hash instead
+        for budget in ("max_gpu_memory", "max_host_memory"):  # they change where, not what
+            opts.pop(budget)
         opts["device"] = device.type
         if self.method != "sola":
             opts["prime_ratio"] = 0.0
@@ -85,6 +101,7 @@ class Summary:
     device: str
     resumed_at: int = 0  # first block computed by this call (0: a fresh run)
     final_states: torch.Tensor | None = None  # last block's outputs, when asked for (tests, analysis)
+    states_on_disk: bool = False  # calibration states spilled to memory-mapped files
 
 
 def load_tokenizer(path: Path):
@@ -94,12 +111,20 @@ def load_tokenizer(path: Path):
         raise InputError(f"{path}: tokenizer missing or unreadable ({type(exc).__name__}: {exc})") from None
 
 
-def embed_windows(skeleton: Skeleton, windows: torch.Tensor, batch: int) -> tuple[torch.Tensor, dict[int, dict]]:
-    """First block's inputs for all windows (on the host, float32) and per-block kwargs.
-    The kwargs are captured with batch 1 so they broadcast over any chunk size."""
-    _, kwargs = skeleton.embed(windows[:1])
-    chunks = [skeleton.embed(windows[s:s + batch])[0].float() for s in range(0, len(windows), batch)]
-    return torch.cat(chunks), kwargs
+def embed_windows(skeleton: Skeleton, windows: torch.Tensor, batch: int, out: torch.Tensor | None = None,
+                  release=None) -> tuple[torch.Tensor, dict[int, dict]]:
+    """First block's inputs for all windows (float32, written into `out` or a new tensor, chunk by
+    chunk) and the per-block kwargs, captured with batch 1 so they broadcast over any chunk size."""
+    first, kwargs = skeleton.embed(windows[:1])
+    if out is None:
+        out = torch.empty((len(windows), windows.shape[1], first.shape[-1]), dtype=torch.float32)
+    for s in range(0, len(windows), batch):
+        chunk = skeleton.embed(windows[s:s + batch])[0]
+        _check_finite(chunk, f"calibration states after the embeddings (windows {s}..{s + len(chunk) - 1})")
+        out[s:s + batch].copy_(chunk)
+        if release is not None:
+            release(s + batch)
+    return out, kwargs
 
 
 def compress(model: str, out: str, options: CompressOptions, progress: bool = True,
@@ -113,61 +138,93 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
     out_dir = Path(out)
     if out_dir.resolve() == reader.path.resolve():
         raise OutputError(f"{out_dir}: output directory is the input model directory")
+    plan = make_plan(reader.config_dict, options, device,
+                     budget_host=None if options.max_host_memory else available_host_memory())
+    plan.check()
+    options = replace(options, batch_tokens=plan.batch_tokens)
     tokenizer = load_tokenizer(reader.path)
     text, calib_desc = read_calibration_text(options.calib)
-    windows = calibration_windows(tokenize(tokenizer, text, add_special_tokens=False), options.nsamples,
+    windows = calibration_windows(tokenize(tokenizer, text, False, TOKENIZE_PIECE_CHARS), options.nsamples,
                                   options.seqlen, options.seed, calib_desc)
+    calib_sha256 = text_hash(text)
+    del text
+    release_free_memory()
     batch = max(1, options.batch_tokens // options.seqlen)
-    fp = fingerprint(reader, options.result_options(device), text_hash(text))
+    fp = fingerprint(reader, options.result_options(device), calib_sha256)
+    n = skeleton.num_blocks
 
     with RunDir(out_dir, fp, overwrite) as run, GracefulStop() as stop:
         if run.finished:
-            return _summary(out_dir, options, t0, skeleton.num_blocks, device, skeleton.num_blocks, None)
+            return _summary(out_dir, options, t0, n, device, n, None, plan.spill)
         run.cleanup_orphans()
         start = run.next_block
-        if start < skeleton.num_blocks:
-            states, kwargs = embed_windows(skeleton, windows[:1], 1) if start else embed_windows(skeleton, windows, batch)
-            if start:
-                states = run.load_states()
-            else:
-                _check_finite(states, "calibration states after the embeddings")
-                run.save_initial_states(states)
-        bar = tqdm(range(start, skeleton.num_blocks), desc="compress", unit="block", disable=not progress,
-                   initial=start, total=skeleton.num_blocks)
-        for i in bar:
-            result = _compress_one(i, reader, skeleton, states, kwargs[i], options, device, batch)
-            output.write_block(out_dir, i, adapter.block_prefix(i), result.tensors)
-            faults.hit("block_written")
-            last = i == skeleton.num_blocks - 1
-            run.commit_block(i, _block_entry(i, result), None if last and not keep_final_states else states)
-            faults.hit("block_committed")
-            bar.set_postfix(kept=f"{result.kept_params / result.dense_params:.3f}")
-            if stop.requested and not last:
-                bar.close()
-                raise Interrupted(f"{out_dir}: stopped by signal after block {i} of {skeleton.num_blocks}; "
-                                  "run the same command again to resume")
+        cache = StateCache(run.dir, on_disk=plan.spill)
+        commits = Background("commit")
+        final = None
+        try:
+            if start < n:
+                if start == 0 and not cache.path(0).is_file():
+                    target = cache.create(0, (len(windows), options.seqlen, skeleton.hidden_size))
+                    kwargs = embed_windows(skeleton, windows, batch, target, cache.release)[1]
+                    cache.take_target(0)()
+                else:
+                    kwargs = skeleton.embed(windows[:1])[1]
+                    cache.open(start)
+            weights = Prefetch(reader, skeleton, device)
+            bar = tqdm(range(start, n), desc="compress", unit="block", disable=not progress, initial=start, total=n)
+            for i in bar:
+                last = i == n - 1
+                result = _compress_one(i, weights.get(i, i + 1 if not last else None), skeleton, cache, kwargs[i],
+                                       options, device, batch, commits, need_outputs=not last or keep_final_states)
+                swap = cache.take_target(i + 1)  # this block's outputs become the next one's inputs
+                persist = swap if not last else None
+                entry = _block_entry(i, result)
+                commits.start(lambda i=i, t=result.tensors, e=entry, p=persist: _commit(run, out_dir, adapter, i, t, e, p))
+                bar.set_postfix(kept=f"{result.kept_params / result.dense_params:.3f}")
+                if stop.requested and not last:
+                    commits.wait()
+                    bar.close()
+                    raise Interrupted(f"{out_dir}: stopped by signal after block {i} of {n}; "
+                                      "run the same command again to resume")
+            commits.wait()
+            if keep_final_states and start < n:
+                final = cache.source.clone()
+        finally:
+            commits.wait(quiet=True)  # a commit in flight completes before the lock is released
+            cache.close()
         sola = _sola_section(options, calib_desc, run.manifest, reader, adapter, fp)
-        output.finish(out_dir, reader, skeleton.num_blocks, adapter.layers_path + ".", sola)
+        output.finish(out_dir, reader, n, adapter.layers_path + ".", sola)
         faults.hit("config_written")
         run.complete()
-    final = states if keep_final_states and start < skeleton.num_blocks else None
-    return _summary(out_dir, options, t0, skeleton.num_blocks, device, start, final)
+    return _summary(out_dir, options, t0, n, device, start, final, plan.spill)
 
 
-def _compress_one(i: int, reader: CheckpointReader, skeleton: Skeleton, states: torch.Tensor, kwargs: dict,
-                  options: CompressOptions, device: torch.device, batch: int) -> BlockResult:
-    """Statistics, compression and propagation of block i. `states` are replaced in place by the
-    next block's inputs (one copy of the states at any time)."""
+def _commit(run: RunDir, out_dir: Path, adapter, i: int, tensors: dict, entry: dict, persist) -> None:
+    """Block i made durable: shard, next block's states, manifest (docs/RESUME.md)."""
+    output.write_block(out_dir, i, adapter.block_prefix(i), tensors)
+    faults.hit("block_written")
+    run.commit_block(i, entry, persist)
+    faults.hit("block_committed")
+
+
+def _compress_one(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: StateCache, kwargs: dict,
+                  options: CompressOptions, device: torch.device, batch: int, commits: Background,
+                  need_outputs: bool = True) -> BlockResult:
+    """Statistics, compression and propagation of block i. The next block's inputs go to the
+    cache's target (in RAM the same tensor, overwritten chunk by chunk)."""
     adapter = skeleton.adapter
     prefix = adapter.block_prefix(i)
-    weights = reader.tensors(prefix)
-    _check_finite_weights(weights, reader, prefix)
+    _check_finite_weights(weights, skeleton.reader, prefix)
     storage = weights[adapter.linears[0] + ".weight"].dtype
     block = build_block(skeleton.meta_block(i), weights, None, device, torch.float32)
     stats = BlockStats(block, adapter)
     keep_original = options.propagate == "original"
+    target = cache.begin_block(i)
+    if keep_original:
+        commits.wait()  # the previous commit may still be reading these states
     try:
-        run_block(block, states, kwargs, device, batch, out=states if keep_original else None)
+        run_block(block, cache.source, kwargs, device, batch, out=target if keep_original else None,
+                  release=cache.release)
     except FloatingPointError as exc:
         raise InputError(f"calibration states in block {i} ({prefix}*): NaN or Inf values: {exc}") from None
     stats.remove()
@@ -175,14 +232,15 @@ def _compress_one(i: int, reader: CheckpointReader, skeleton: Skeleton, states: 
     result = compress_block(weights, stats.cov, stats.neuron_scores(), adapter, options.method,
                             options.ratio, options.prime_ratio, storage)
     del stats
-    if not keep_original:
+    if not keep_original and need_outputs:
         cblock = build_block(skeleton.meta_block(i), result.tensors, result.specs, device, torch.float32)
+        commits.wait()
+        cache.begin_pass()
         try:
-            run_block(cblock, states, kwargs, device, batch, out=states)
+            run_block(cblock, cache.source, kwargs, device, batch, out=target, release=cache.release)
         except FloatingPointError as exc:
             raise InputError(f"calibration states after compressed block {i}: NaN or Inf values: {exc}") from None
         del cblock
-    _check_finite(states, f"calibration states after block {i}")
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
@@ -221,12 +279,13 @@ def _sola_section(options: CompressOptions, calib_desc: str, manifest: dict, rea
 
 
 def _summary(out_dir: Path, options: CompressOptions, t0: float, n: int, device: torch.device, start: int,
-             final_states) -> Summary:
+             final_states, spilled: bool) -> Summary:
     sola = json.loads((out_dir / "config.json").read_text())["sola"]
     return Summary(output=str(out_dir), method=options.method, target_ratio=options.ratio,
                    achieved_ratio_blocks=sola["achieved_ratio_blocks"],
                    achieved_ratio_model=sola["achieved_ratio_model"], seconds=time.time() - t0, blocks=n,
-                   device=str(device), resumed_at=start, final_states=final_states)
+                   device=str(device), resumed_at=start, final_states=final_states,
+                   states_on_disk=spilled)
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:

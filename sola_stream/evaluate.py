@@ -20,6 +20,7 @@ from .engine import embed_windows, load_tokenizer
 from .errors import InputError
 from .loading import block_specs
 from .modules import build_block
+from .plan import DEFAULT_BATCH_TOKENS
 from .skeleton import Skeleton
 from .stats import run_block
 
@@ -49,7 +50,8 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None, where:
 
 @torch.no_grad()
 def perplexity(model: str, text_path: str, seqlen: int = DEFAULT_EVAL_SEQLEN, max_windows: int | None = None,
-               device: str | torch.device = "cpu", batch_tokens: int = 8192, progress: bool = True) -> EvalResult:
+               device: str | torch.device = "cpu", batch_tokens: int | None = None,
+               progress: bool = True) -> EvalResult:
     t0 = time.time()
     reader = CheckpointReader(model)
     skeleton = Skeleton(reader)
@@ -60,7 +62,7 @@ def perplexity(model: str, text_path: str, seqlen: int = DEFAULT_EVAL_SEQLEN, ma
     tokenizer = load_tokenizer(reader.path)
     ids = tokenize(tokenizer, path.read_text(encoding="utf-8"), add_special_tokens=True)
     windows = eval_windows(ids, seqlen, max_windows, str(path))
-    batch = max(1, batch_tokens // seqlen)
+    batch = max(1, (batch_tokens or DEFAULT_BATCH_TOKENS[torch.device(device).type]) // seqlen)
     states, kwargs = embed_windows(skeleton, windows, batch)
     for i in tqdm(range(skeleton.num_blocks), desc="eval", unit="block", disable=not progress):
         tensors = reader.tensors(skeleton.adapter.block_prefix(i))

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import psutil
 import torch
-from safetensors.torch import load_file
 
 from . import __version__
 from .checkpoint import CheckpointReader, atomic_save_tensors, atomic_write_json, fsync_dir
 from .errors import OutputError, SolaError
+from .states import states_file
 
 RUN_DIR = ".sola-run"
 MANIFEST = "manifest.json"
@@ -150,22 +150,13 @@ class RunDir:
         return len(self.manifest["blocks"])
 
     def states_path(self, block: int) -> Path:
-        return self.dir / f"states-{block:05d}.safetensors"
+        return states_file(self.dir, block)
 
-    def load_states(self) -> torch.Tensor:
-        path = self.states_path(self.next_block)
-        if not path.is_file():
-            raise OutputError(f"{path}: missing; the run cannot resume, use --overwrite to start over")
-        return load_file(str(path))["states"]
-
-    def save_initial_states(self, states: torch.Tensor) -> None:
-        if not self.states_path(0).is_file():
-            atomic_save_tensors(self.states_path(0), {"states": states})
-
-    def commit_block(self, index: int, entry: dict, next_states: torch.Tensor | None) -> None:
-        """Called after block `index`'s shard is durable: states for index+1, then the manifest."""
-        if next_states is not None:
-            atomic_save_tensors(self.states_path(index + 1), {"states": next_states})
+    def commit_block(self, index: int, entry: dict, persist_states) -> None:
+        """Called after block `index`'s shard is durable: `persist_states()` makes the next
+        block's states durable (None after the last block), then the manifest commits."""
+        if persist_states is not None:
+            persist_states()
         self.manifest["blocks"].append(entry)
         atomic_write_json(self.dir / MANIFEST, self.manifest)
         self.states_path(index).unlink(missing_ok=True)

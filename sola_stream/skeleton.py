@@ -91,6 +91,10 @@ class Skeleton:
         if still_meta:
             raise InputError(f"{self.reader.path}: tensor {still_meta[0]!r} missing from the checkpoint")
 
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
     def block_names(self, index: int) -> set[str]:
         """Parameter and persistent-buffer names of one block, relative to its prefix."""
         return set(self._meta_blocks[index].state_dict().keys())

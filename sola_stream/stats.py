@@ -54,11 +54,12 @@ class BlockStats:
 
 @torch.no_grad()
 def run_block(block: nn.Module, states: torch.Tensor, kwargs: dict, device: torch.device | str,
-              batch_size: int, out: torch.Tensor | None) -> torch.Tensor | None:
+              batch_size: int, out: torch.Tensor | None, release=None) -> torch.Tensor | None:
     """Run all states (windows x seq x hidden) through `block`, `batch_size` windows at a time.
 
     Outputs go to `out` (which may be `states` itself: each chunk is read before it is
     overwritten), or nowhere when `out` is None (a pass only for the statistics hooks).
+    `release(k)` is called once windows before k are done (a disk cache drops their pages).
     """
     kw = {k: _to(v, device) for k, v in kwargs.items()}
     for start in range(0, states.shape[0], batch_size):
@@ -69,6 +70,8 @@ def run_block(block: nn.Module, states: torch.Tensor, kwargs: dict, device: torc
             raise FloatingPointError(f"non-finite block output for calibration windows {start}..{start + len(chunk) - 1}")
         if out is not None:
             out[start:start + batch_size].copy_(res.to(out.dtype))
+        if release is not None:
+            release(start + batch_size)
     return out
 
 

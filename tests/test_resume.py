@@ -108,10 +108,13 @@ def test_sigterm_stops_at_safe_point_and_resumes(model4, reference, tmp_path):
     assert r.returncode == EXIT_INTERRUPTED, r.stderr
     assert "resume" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     manifest = json.loads((out / RUN_DIR / "manifest.json").read_text())
-    assert len(manifest["blocks"]) == 2  # stopped after committing the block it was in
+    # the signal arrives while block 1 commits in the background; the main thread may already be
+    # computing block 2, which then finishes and commits before the stop
+    done = len(manifest["blocks"])
+    assert done in (2, 3)
     assert not (out / "config.json").exists()
     r = cli(model4, out)
-    assert r.returncode == 0 and "resumed at block 2" in r.stdout
+    assert r.returncode == 0 and f"resumed at block {done}" in r.stdout
     assert hashes(out) == reference
 
 

@@ -18,16 +18,20 @@ from pathlib import Path
 
 
 def run(cmd: list[str]) -> tuple[str, float, int]:
-    """stdout, seconds and peak RSS (bytes, from the child's rusage) of one command."""
-    import resource
+    """stdout, seconds and peak RSS (bytes, this child's own rusage via wait4) of one command."""
+    import os
+    import tempfile
 
     t0 = time.time()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return proc.stdout, time.time() - t0, max(peak, before) * 1024
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        secs = time.time() - t0
+        out.seek(0), err.seek(0)
+        code = proc.returncode = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            sys.exit(f"failed ({code}): {' '.join(cmd)}\n{err.read()[-3000:]}")
+        return out.read(), secs, usage.ru_maxrss * 1024
 
 
 def main() -> None:

@@ -1,0 +1,93 @@
+"""Bounded host memory: a small --max-host-memory spills the calibration cache to memory-mapped
+files; the output is byte-identical to the in-RAM run and the peak RSS drops by most of the cache.
+Also the `plan` dry run: its refusals and its agreement with the engine's choices."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from conftest import ROOT, make_tiny
+from sola_stream.engine import CompressOptions
+from sola_stream.plan import GIB, make_plan
+
+# a wide tiny model, so the calibration cache (windows x seqlen x hidden float32) dominates memory
+WIDE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+            num_key_value_heads=4)
+CALIB = ["--nsamples", "192", "--seqlen", "512", "--batch-tokens", "1024"]  # cache: 192 MiB
+CACHE_BYTES = 4 * 192 * 512 * 512
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory, tiny_tokenizer):
+    return make_tiny("llama", tmp_path_factory.mktemp("wide") / "wide", tiny_tokenizer, **WIDE)
+
+
+def run(*args: str) -> tuple[subprocess.CompletedProcess, int]:
+    """A CLI run in a child process: its result and its own peak RSS in bytes (wait4)."""
+    cmd = [sys.executable, "-m", "sola_stream", *args]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read()), usage.ru_maxrss * 1024
+
+
+def hashes(out) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def test_small_host_budget_spills_to_disk_with_identical_output(wide, tmp_path):
+    cfg = json.loads((wide / "config.json").read_text())
+    opts = CompressOptions(nsamples=192, seqlen=512, batch_tokens=1024)
+    in_ram = make_plan(cfg, opts, torch.device("cpu"), budget_host=64 * GIB)
+    assert not in_ram.spill and in_ram.states_bytes == CACHE_BYTES
+    spilled_need = in_ram.peak_host - CACHE_BYTES + 2 * 4 * 1024 * 512
+    budget = (in_ram.peak_host + spilled_need) / 2 / GIB  # between the two: forces the spill
+    assert make_plan(cfg, opts, torch.device("cpu"), budget_host=int(budget * GIB)).spill
+
+    r_ram, rss_ram = run("compress", str(wide), str(tmp_path / "ram"), *CALIB, "--max-host-memory", "64",
+                         "--no-progress")
+    assert r_ram.returncode == 0, r_ram.stderr
+    assert "cache in RAM" in r_ram.stdout
+    r_disk, rss_disk = run("compress", str(wide), str(tmp_path / "disk"), *CALIB, "--max-host-memory",
+                           f"{budget:.4f}", "--no-progress")
+    assert r_disk.returncode == 0, r_disk.stderr
+    assert "cache spilled to disk" in r_disk.stdout
+
+    assert hashes(tmp_path / "disk") == hashes(tmp_path / "ram")
+    print(f"peak RSS in RAM {rss_ram / 2**20:.0f} MiB, spilled {rss_disk / 2**20:.0f} MiB, "
+          f"cache {CACHE_BYTES / 2**20:.0f} MiB, budget {budget * 1024:.0f} MiB")
+    assert rss_disk <= budget * GIB  # the plan's bound holds
+    assert rss_disk < rss_ram - CACHE_BYTES // 2  # most of the cache left RAM
+
+
+def test_plan_refuses_impossible_budgets(wide):
+    r, _ = run("plan", str(wide), *CALIB, "--max-host-memory", "0.1", "--no-measure")
+    assert r.returncode == 2 and "REFUSED" in r.stdout and "host memory" in r.stdout
+    r, _ = run("plan", str(wide), *CALIB, "--device", "cuda", "--max-gpu-memory", "0.01", "--no-measure")
+    assert r.returncode == 2 and "GPU memory" in r.stdout
+    r, _ = run("compress", str(wide), "/nonexistent/never-written", *CALIB, "--max-host-memory", "0.1")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "host memory" in r.stderr
+    assert not os.path.exists("/nonexistent/never-written")
+
+
+def test_plan_json_and_gpu_chunking(wide):
+    r, _ = run("plan", str(wide), "--device", "cuda", "--max-gpu-memory", "2", "--json", "--no-measure")
+    assert r.returncode == 0, r.stdout + r.stderr
+    p = json.loads(r.stdout.strip().splitlines()[-1])
+    assert p["peak_device_bytes"] <= 2 * GIB and p["batch_tokens"] >= 1024
+    # a 70B-shaped block under 24 GiB: the chunk shrinks to fit, the plan stays under the cap
+    cfg = json.loads((ROOT / "tools" / "configs" / "llama-2-70b.json").read_text())
+    plan = make_plan(cfg, CompressOptions(seqlen=2048), torch.device("cuda"), budget_device=24 * GIB,
+                     budget_host=32 * GIB)
+    assert not plan.problems, plan.describe()
+    assert plan.peak_device <= 22 * GIB and plan.batch_tokens >= 2048
+
