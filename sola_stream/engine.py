@@ -176,6 +176,7 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
                 last = i == n - 1
                 result = _compress_one(i, weights.get(i, i + 1 if not last else None), skeleton, cache, kwargs[i],
                                        options, device, batch, commits, need_outputs=not last or keep_final_states)
+                commits.wait()  # block i-1's commit is done with the states about to be replaced
                 swap = cache.take_target(i + 1)  # this block's outputs become the next one's inputs
                 persist = swap if not last else None
                 entry = _block_entry(i, result)

@@ -200,14 +200,15 @@ class StateCache:
                 m.rewind()
 
     def release(self, upto_window: int) -> None:
-        if self.on_disk:
-            self._src and self._src.release(upto_window)
-            self._dst and self._dst.release(upto_window)
+        for m in (self._src, self._dst):
+            if m is not None:
+                m.release(upto_window)
 
     def take_target(self, block: int):
         """The outputs of this block become the next block's source; returns the function that
         makes them durable as states-`block` (run by the commit, possibly in the background:
-        in RAM mode it only reads the tensor, which must not be written until it returns)."""
+        in RAM mode it only reads the tensor, which must not be written until it returns). The
+        previous commit must have finished: it may still be writing the source being replaced."""
         if not self.on_disk:
             ram = self._ram
             return lambda: save_states(self.path(block), ram)
@@ -216,9 +217,6 @@ class StateCache:
             self._src.close()
         self._src = done
         return lambda: done.persist(self.path(block))
-
-    def snapshot(self) -> torch.Tensor:
-        return self.source.clone()
 
     def close(self) -> None:
         for m in (self._src, self._dst):

@@ -3,10 +3,15 @@ and the real SmolLM2-135M checkpoint when available (built by tools/make_smollm2
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+ROOT_TOOLS = Path(__file__).resolve().parents[1] / "tools"
+sys.path.insert(0, str(ROOT_TOOLS))
+from make_synthetic_checkpoint import train_tokenizer  # noqa: E402  (shared with the tool)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SOLA_SHARED", ROOT.parent / "shared"))
@@ -16,21 +21,6 @@ SMOLLM2 = Path(os.environ.get("SOLA_SMOLLM2", ROOT / "models" / "smollm2-135m"))
 
 TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-
-
-def train_tokenizer(vocab_size: int):
-    """A byte-level BPE tokenizer trained on the shipped calibration text (fast, offline)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = CALIB_TEXT.read_text(encoding="utf-8")[:200_000]
-    tok.train_from_iterator([text], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
 @pytest.fixture(scope="session")

@@ -44,29 +44,51 @@ def hashes(out) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
 
 
-def test_small_host_budget_spills_to_disk_with_identical_output(wide, tmp_path):
+@pytest.fixture(scope="module")
+def spill_budget(wide) -> float:
+    """A host budget (GiB) between the plan's in-RAM and spilled needs: forces the spill."""
     cfg = json.loads((wide / "config.json").read_text())
     opts = CompressOptions(nsamples=192, seqlen=512, batch_tokens=1024)
     in_ram = make_plan(cfg, opts, torch.device("cpu"), budget_host=64 * GIB)
     assert not in_ram.spill and in_ram.states_bytes == CACHE_BYTES
     spilled_need = in_ram.peak_host - CACHE_BYTES + 2 * 4 * 1024 * 512
-    budget = (in_ram.peak_host + spilled_need) / 2 / GIB  # between the two: forces the spill
+    budget = (in_ram.peak_host + spilled_need) / 2 / GIB
     assert make_plan(cfg, opts, torch.device("cpu"), budget_host=int(budget * GIB)).spill
+    return budget
 
-    r_ram, rss_ram = run("compress", str(wide), str(tmp_path / "ram"), *CALIB, "--max-host-memory", "64",
-                         "--no-progress")
-    assert r_ram.returncode == 0, r_ram.stderr
-    assert "cache in RAM" in r_ram.stdout
-    r_disk, rss_disk = run("compress", str(wide), str(tmp_path / "disk"), *CALIB, "--max-host-memory",
-                           f"{budget:.4f}", "--no-progress")
-    assert r_disk.returncode == 0, r_disk.stderr
-    assert "cache spilled to disk" in r_disk.stdout
 
-    assert hashes(tmp_path / "disk") == hashes(tmp_path / "ram")
+@pytest.fixture(scope="module")
+def in_ram(wide, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ram") / "out"
+    r, rss = run("compress", str(wide), str(out), *CALIB, "--max-host-memory", "64", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "cache in RAM" in r.stdout
+    return hashes(out), rss
+
+
+def test_small_host_budget_spills_to_disk_with_identical_output(wide, spill_budget, in_ram, tmp_path):
+    ref, rss_ram = in_ram
+    r, rss_disk = run("compress", str(wide), str(tmp_path / "disk"), *CALIB, "--max-host-memory",
+                      f"{spill_budget:.4f}", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "cache spilled to disk" in r.stdout
+    assert hashes(tmp_path / "disk") == ref
     print(f"peak RSS in RAM {rss_ram / 2**20:.0f} MiB, spilled {rss_disk / 2**20:.0f} MiB, "
-          f"cache {CACHE_BYTES / 2**20:.0f} MiB, budget {budget * 1024:.0f} MiB")
-    assert rss_disk <= budget * GIB  # the plan's bound holds
+          f"cache {CACHE_BYTES / 2**20:.0f} MiB, budget {spill_budget * 1024:.0f} MiB")
+    assert rss_disk <= spill_budget * GIB  # the plan's bound holds
     assert rss_disk < rss_ram - CACHE_BYTES // 2  # most of the cache left RAM
+
+
+def test_run_killed_in_ram_resumes_spilled_with_identical_output(wide, spill_budget, in_ram, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "SOLA_STREAM_CRASH_AT": "block_committed:1"}
+    killed = subprocess.run([sys.executable, "-m", "sola_stream", "compress", str(wide), str(out), *CALIB,
+                             "--max-host-memory", "64", "--no-progress"], env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    r, _ = run("compress", str(wide), str(out), *CALIB, "--max-host-memory", f"{spill_budget:.4f}", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "resumed at block 1" in r.stdout and "cache spilled to disk" in r.stdout
+    assert hashes(out) == in_ram[0]
 
 
 def test_plan_refuses_impossible_budgets(wide):

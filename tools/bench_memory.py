@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Peak memory and speed of compressing real-shaped blocks under a GPU cap (run on a GPU).
+
+  python tools/bench_memory.py --config tools/configs/llama-2-70b.json --blocks 3 \\
+      --nsamples 128 --seqlen 2048 --gpu-cap 24 --host-cap 32
+
+1. writes a random-weight checkpoint with the config's shapes (tools/make_synthetic_checkpoint.py)
+   unless it exists;
+2. caps this process's GPU memory (torch.cuda.set_per_process_memory_fraction on a larger card);
+3. predicts the run with the `plan` model, then compresses the checkpoint (SoLA, default
+   options), recording peak GPU memory (allocated and reserved), peak host RSS (psutil, sampled)
+   and seconds per block (between successive block starts: statistics, decomposition,
+   propagation and waiting for the background commit);
+4. in the same process, measures the floor components of one block separately: reading its
+   weights, the forward pass, the covariance accumulation, the decompositions, and the forward
+   pass of the compressed block. floor = forward + covariances + decompositions + compressed
+   forward (reads and writes overlap with compute);
+5. prints one JSON object (appended to --results) with the figures, the plan's predictions and
+   their errors, and an extrapolated whole-model time.
+On a machine without CUDA it runs on the CPU (a smoke test; GPU fields are zero).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+from make_synthetic_checkpoint import make_checkpoint  # noqa: E402
+
+import sola_stream.engine as engine  # noqa: E402
+from sola_stream.checkpoint import CheckpointReader  # noqa: E402
+from sola_stream.compress import compress_block  # noqa: E402
+from sola_stream.memory import PeakMemory  # noqa: E402
+from sola_stream.modules import build_block  # noqa: E402
+from sola_stream.plan import GIB, make_plan  # noqa: E402
+from sola_stream.skeleton import Skeleton  # noqa: E402
+from sola_stream.stats import BlockStats, run_block  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def floors(model: Path, opts, device: torch.device, batch: int) -> dict:
+    """Each compute component of block 0, measured alone on random calibration states."""
+    reader = CheckpointReader(model)
+    skeleton = Skeleton(reader)
+    adapter = skeleton.adapter
+    weights, t_read = timed(lambda: reader.tensors(adapter.block_prefix(0)), device)
+    kwargs = skeleton.embed(torch.zeros(1, opts.seqlen, dtype=torch.long))[1][0]
+    gen = torch.Generator().manual_seed(0)
+    states = torch.randn(opts.nsamples, opts.seqlen, skeleton.hidden_size, generator=gen)
+    block = build_block(skeleton.meta_block(0), weights, None, device, torch.float32)
+    _, t_fwd = timed(lambda: run_block(block, states, kwargs, device, batch, out=None), device)
+    stats = BlockStats(block, adapter)
+    _, t_fwd_stats = timed(lambda: run_block(block, states, kwargs, device, batch, out=None), device)
+    stats.remove()
+    del block
+    storage = weights[adapter.linears[0] + ".weight"].dtype
+    result, t_dec = timed(lambda: compress_block(weights, stats.cov, stats.neuron_scores(), adapter, opts.method,
+                                                 opts.ratio, opts.prime_ratio, storage), device)
+    del stats
+    cblock = build_block(skeleton.meta_block(0), result.tensors, result.specs, device, torch.float32)
+    _, t_fwd_c = timed(lambda: run_block(cblock, states, kwargs, device, batch, out=None), device)
+    comp = {"read_block": t_read, "forward": t_fwd, "covariances": max(t_fwd_stats - t_fwd, 0.0),
+            "decompositions": t_dec, "forward_compressed": t_fwd_c}
+    comp["floor"] = comp["forward"] + comp["covariances"] + comp["decompositions"] + comp["forward_compressed"]
+    return {k: round(v, 2) for k, v in comp.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=ROOT / "tools/configs/llama-2-70b.json")
+    p.add_argument("--blocks", type=int, default=3, help="blocks in the synthetic checkpoint (>= 2)")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--gpu-cap", type=float, default=24.0, help="GiB of GPU memory this process may use")
+    p.add_argument("--host-cap", type=float, default=32.0, help="host-memory budget in GiB")
+    p.add_argument("--work", type=Path, default=ROOT / "runs/bench-memory")
+    p.add_argument("--results", type=Path, default=ROOT / "runs/bench-memory/results.jsonl")
+    p.add_argument("--no-floors", action="store_true")
+    args = p.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cap = int(args.gpu_cap * GIB)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    model = args.work / f"synthetic-{args.config.stem}-{args.blocks}"
+    if not (model / "config.json").is_file():
+        make_checkpoint(args.config, args.blocks, model)
+    out = args.work / f"out-{args.config.stem}-{args.blocks}"
+    opts = engine.CompressOptions(ratio=args.ratio, nsamples=args.nsamples, seqlen=args.seqlen,
+                                  max_gpu_memory=args.gpu_cap, max_host_memory=args.host_cap)
+    cfg = json.loads((model / "config.json").read_text())
+    plan = make_plan(cfg, opts, device)
+    print(plan.describe(), flush=True)
+
+    starts: list[float] = []
+    inner = engine._compress_one
+
+    def recording(*a, **k):
+        starts.append(time.perf_counter())
+        return inner(*a, **k)
+
+    engine._compress_one = recording
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with PeakMemory() as mem:
+        summary = engine.compress(str(model), str(out), opts, progress=True, overwrite=True)
+    end = time.perf_counter()
+    engine._compress_one = inner
+    alloc, reserved = PeakMemory.peak_gpu()
+    steps = [b - a for a, b in zip(starts, starts[1:])] or [end - starts[0]]
+    per_block = sum(steps) / len(steps)
+    setup = summary.seconds - (end - starts[0])
+    n_full = json.loads(args.config.read_text())["num_hidden_layers"]
+    row = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+           else "cpu", "config": args.config.stem, "blocks": args.blocks, "nsamples": args.nsamples,
+           "seqlen": args.seqlen, "ratio": args.ratio, "gpu_cap_gib": args.gpu_cap, "host_cap_gib": args.host_cap,
+           "batch_tokens": plan.batch_tokens, "states_on_disk": summary.states_on_disk,
+           "peak_gpu_allocated_gib": round(alloc / GIB, 2), "peak_gpu_reserved_gib": round(reserved / GIB, 2),
+           "peak_host_rss_gib": round(mem.peak_rss / GIB, 2), "seconds_per_block": round(per_block, 2),
+           "block_seconds": [round(s, 2) for s in steps], "setup_seconds": round(setup, 1),
+           "plan_peak_gpu_gib": round(plan.peak_device / GIB, 2) if device.type == "cuda" else 0,
+           "plan_peak_host_gib": round(plan.peak_host / GIB, 2),
+           "extrapolated_full_model_hours": round((setup + n_full * per_block) / 3600, 2)}
+    if device.type == "cuda" and reserved:
+        row["plan_gpu_error"] = round(plan.peak_device / reserved - 1, 3)
+    row["plan_host_error"] = round(plan.peak_host / mem.peak_rss - 1, 3)
+    if not args.no_floors:
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        row["floor"] = floors(model, opts, device, max(1, plan.batch_tokens // args.seqlen))
+        row["per_block_over_floor"] = round(per_block / row["floor"]["floor"], 2)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.results, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
