@@ -218,8 +218,8 @@ def _compress_one(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, 
     _check_finite_weights(weights, skeleton.reader, prefix)
     storage = weights[adapter.linears[0] + ".weight"].dtype
     block = build_block(skeleton.meta_block(i), weights, None, device, torch.float32)
-    stats = BlockStats(block, adapter)
     keep_original = options.propagate == "original"
+    stats = BlockStats(block, adapter, stop_early=not keep_original)
     target = cache.begin_block(i)
     if keep_original:
         commits.wait()  # the previous commit may still be reading these states
@@ -230,8 +230,13 @@ def _compress_one(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, 
         raise InputError(f"calibration states in block {i} ({prefix}*): NaN or Inf values: {exc}") from None
     stats.remove()
     del block
-    result = compress_block(weights, stats.cov, stats.neuron_scores(), adapter, options.method,
-                            options.ratio, options.prime_ratio, storage)
+    for key, cov in stats.cov.items():  # the statistics pass may stop before the block's output
+        _check_finite(cov, f"calibration states in block {i} ({prefix}*), {key} statistics")
+    try:
+        result = compress_block(weights, stats.cov, stats.neuron_scores(), adapter, options.method,
+                                options.ratio, options.prime_ratio, storage)
+    except ValueError as exc:
+        raise InputError(f"block {i} ({prefix}*): {exc}") from None
     del stats
     if not keep_original and need_outputs:
         cblock = build_block(skeleton.meta_block(i), result.tensors, result.specs, device, torch.float32)

@@ -239,6 +239,17 @@ def test_nonfinite_calibration_states(model, tmp_path, compress):
     assert "block 0" in line and "NaN or Inf" in line
 
 
+def test_nonfinite_statistics_inside_a_block(model, tmp_path, compress):
+    """Overflow inside the FFN (gate): caught in the statistics, before any decomposition."""
+    name = "model.layers.1.mlp.gate_proj.weight"
+    set_tensor(shard_of(model, name), name, lambda t: t.fill_(3e38))
+    before = snapshot(model)
+    out = tmp_path / "out"
+    code, _, err = compress(model, out)
+    line = assert_refused(code, err, before, (model,), out, "calibration states")
+    assert "block 1" in line and "NaN or Inf" in line
+
+
 # -- 9. disk full while writing ----------------------------------------------------------------
 def _fail_second_save(monkeypatch) -> list[Path]:
     """Make sola_stream.checkpoint.save_file raise ENOSPC on its 2nd call; returns the paths it saw."""
