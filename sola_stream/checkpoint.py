@@ -138,30 +138,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, write_tmp, fault: str | None = None) -> None:
+    """`write_tmp(tmp_path)` writes the content under a temp name; it is then fsynced with the
+    usual permissions and renamed over `path` (the rename is the only visible step)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise write_error(path, exc) from None
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors file written under a temp name, fsynced, renamed. No metadata timestamps."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp), metadata={"format": "pt"})
-        faults.hit("tensors_written")
+        write_tmp(tmp)
+        if fault:
+            faults.hit(fault)
         with open(tmp, "rb+") as fh:
             os.fchmod(fh.fileno(), FILE_MODE)
             os.fsync(fh.fileno())
@@ -170,6 +154,20 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         raise write_error(path, exc) from None
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """safetensors file written under a temp name, fsynced, renamed. No metadata timestamps."""
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp),
+                                             metadata={"format": "pt"}), fault="tensors_written")
 
 
 def write_index(out_dir: Path, weight_map: dict[str, str]) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import faults
-from .checkpoint import FILE_MODE, fsync_dir, write_error
+from .checkpoint import FILE_MODE, atomic_write, fsync_dir, write_error
 from .errors import OutputError
 
 PAGE = mmap.PAGESIZE
@@ -57,20 +57,12 @@ def _data_offset_and_shape(path: Path) -> tuple[int, tuple[int, ...]]:
 
 def save_states(path: Path, states: torch.Tensor) -> None:
     """Atomic write of a RAM cache (temp name, fsync, rename) from the tensor's own memory."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             fh.write(_header(tuple(states.shape)))
             fh.write(memoryview(states.contiguous().numpy()).cast("B"))
-            fh.flush()
-            faults.hit("tensors_written")
-            os.fchmod(fh.fileno(), FILE_MODE)
-            os.fsync(fh.fileno())
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise write_error(path, exc) from None
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+
+    atomic_write(path, write, fault="tensors_written")
 
 
 def load_states(path: Path) -> torch.Tensor:
