@@ -29,6 +29,11 @@ def default_calibration_path() -> Path:
     return Path(str(resources.files("sola_stream") / "data" / "wiki.valid.tokens"))
 
 
+def default_eval_path() -> Path:
+    """WikiText-2 test (raw), shipped for `sola-stream eval`: evaluation only, never calibration."""
+    return Path(str(resources.files("sola_stream") / "data" / "wiki.test.raw"))
+
+
 def read_calibration_text(source: str | None) -> tuple[str, str]:
     """(text, description) for a calibration source; see the module docstring."""
     if source is None:
@@ -38,7 +43,7 @@ def read_calibration_text(source: str | None) -> tuple[str, str]:
         return _hub_dataset_text(source[3:]), source
     path = Path(source)
     if path.is_file():
-        return _read(path), str(path)
+        return read_text(path), str(path)
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
             from datasets import load_from_disk
@@ -47,15 +52,18 @@ def read_calibration_text(source: str | None) -> tuple[str, str]:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:
             raise InputError(f"{path}: no text files ({', '.join(TEXT_SUFFIXES)}) in calibration folder")
-        return "\n\n".join(_read(p) for p in files), f"{path} ({len(files)} files)"
+        return "\n\n".join(read_text(p) for p in files), f"{path} ({len(files)} files)"
     raise InputError(f"{source}: calibration source not found (file, folder, saved dataset or hf:NAME)")
 
 
-def _read(path: Path) -> str:
+def read_text(path: Path, what: str = "calibration text") -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: calibration text is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise InputError(f"{path}: {what} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+
 
 
 def _hub_dataset_text(spec: str) -> str:

@@ -1,18 +1,24 @@
 """Reading and writing Hugging Face checkpoint directories (safetensors). Knows nothing of SoLA.
 
-Reading memory-maps the shards with safe_open: a tensor is read only when asked for.
+Reading memory-maps the shards with safe_open: a tensor is read only when asked for. Everything
+a checkpoint directory says is untrusted: JSON files must be objects of the expected types, shard
+names must stay inside the directory, tensors must be float, and only known non-weight files
+(tokenizer, generation config, chat template, license, readme) are ever copied to an output.
 Writing puts every file under a temporary name, fsyncs it, then renames it into place, so a
 file that has its final name is always complete.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
-from pathlib import Path
+import re
+import shutil
+from pathlib import Path, PurePosixPath
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import faults
@@ -20,9 +26,44 @@ from .errors import InputError, OutputError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-# Files of a checkpoint directory that are not weights or config: copied to the output as they are.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
-_NOT_COPIED = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json"}
+# Non-weight files carried to an output, by exact name: nothing else is ever copied (no Python
+# code, no file reached through a symlink that leaves the model's directory).
+EXTRA_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json",
+               "chat_template.jinja", "chat_template.json", "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE",
+               "README.md", "USE_POLICY.md")
+MAX_JSON_BYTES = 64 << 20  # config.json / index.json larger than this are refused, not parsed
+MAX_EXTRA_BYTES = 1 << 30  # a tokenizer file larger than this is not a tokenizer file
+# bytes per element of the dtypes a checkpoint may hold (safetensors names); others are refused
+FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+DTYPE_BYTES = {**FLOAT_DTYPES, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def read_json_object(path: Path, what: str = "JSON file") -> dict:
+    """A JSON file that must hold an object: one-line errors for missing, huge, malformed, other types."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise InputError(f"{path}: {size} bytes, too large for a {what} (limit {MAX_JSON_BYTES >> 20} MiB)")
+        obj = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: a {what} must be a JSON object, not {type(obj).__name__}")
+    return obj
+
+
+def confinement_root(path: Path) -> Path:
+    """The directory that a checkpoint's files may resolve into: the model directory itself, or for a
+    Hugging Face hub cache snapshot (`models--org--name/snapshots/REV`) the repository's cache folder,
+    whose `blobs/` hold the files that the snapshot's symlinks point to."""
+    real = path.resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith(("models--", "datasets--")):
+        return real.parent.parent
+    return real
 
 
 def resolve_model_path(model: str) -> Path:
@@ -35,9 +76,20 @@ def resolve_model_path(model: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                             "*.jinja", "LICENSE*", "README.md"]))
     except Exception as exc:  # offline, unknown repo, auth: one line is enough
         raise InputError(f"{model}: cannot download from the hub ({type(exc).__name__}: {exc})") from None
+
+
+def _shard_name(name, index: Path) -> str:
+    """A shard name from an index: a plain relative path that stays inside the model directory."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        raise InputError(f"{index}: shard name {name!r} is not a relative file name")
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts or not name.endswith(".safetensors"):
+        raise InputError(f"{index}: shard name {name!r} leaves the model directory or is not a .safetensors file")
+    return name
 
 
 class CheckpointReader:
@@ -48,20 +100,19 @@ class CheckpointReader:
         config_file = self.path / "config.json"
         if not config_file.is_file():
             raise InputError(f"{config_file}: missing config.json")
-        try:
-            self.config_dict = json.loads(config_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{config_file}: not valid JSON ({exc})") from None
+        self.config_dict = read_json_object(config_file, "config.json")
         self._handles: dict[str, object] = {}
         self.weight_map = self._weight_map()
+        self._check_dtypes()
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX_NAME
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise InputError(f"{index}: not a valid safetensors index ({exc})") from None
+            weight_map = read_json_object(index, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise InputError(f"{index}: no 'weight_map' object naming tensors and their shards")
+            for name, shard in weight_map.items():
+                _shard_name(shard, index)
             for shard in sorted(set(weight_map.values())):
                 if not (self.path / shard).is_file():
                     raise InputError(f"{self.path / shard}: shard named in {INDEX_NAME} is missing")
@@ -76,6 +127,13 @@ class CheckpointReader:
             return {name: SINGLE_NAME for name in self._open(SINGLE_NAME).keys()}
         raise InputError(f"{self.path}: no {SINGLE_NAME} or {INDEX_NAME} (only safetensors checkpoints are read)")
 
+    def _check_dtypes(self) -> None:
+        for name in sorted(self.weight_map):
+            dtype = self._slice(name).get_dtype()
+            if dtype not in FLOAT_DTYPES:
+                raise InputError(f"{self.path / self.weight_map[name]}: tensor {name!r} has dtype {dtype}; only "
+                                 "float tensors (F32, F16, BF16, F64) are read (quantized checkpoints are not supported)")
+
     def _open(self, shard: str):
         if shard not in self._handles:
             try:
@@ -83,6 +141,14 @@ class CheckpointReader:
             except Exception as exc:  # safetensors raises its own error types for bad headers
                 raise InputError(f"{self.path / shard}: unreadable safetensors file ({exc})") from None
         return self._handles[shard]
+
+    def _slice(self, name: str):
+        try:
+            return self._open(self.weight_map[name]).get_slice(name)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{self.path / self.weight_map[name]}: cannot read tensor {name!r} ({exc})") from None
 
     @property
     def files(self) -> list[Path]:
@@ -97,11 +163,20 @@ class CheckpointReader:
         shard = self.weight_map[name]
         try:
             return self._open(shard).get_tensor(name)
+        except InputError:
+            raise
         except Exception as exc:
             raise InputError(f"{self.path / shard}: cannot read tensor {name!r} ({exc})") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open(self.weight_map[name]).get_slice(name).get_shape())
+        return tuple(self._slice(name).get_shape())
+
+    def nbytes(self, name: str) -> int:
+        sl = self._slice(name)
+        numel = 1
+        for d in sl.get_shape():
+            numel *= d
+        return numel * DTYPE_BYTES[sl.get_dtype()]
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """All tensors under `prefix`, keyed by the name relative to it (copies in RAM). The shard
@@ -112,12 +187,43 @@ class CheckpointReader:
         return out
 
     def extra_files(self) -> list[Path]:
-        """Tokenizer, generation config and other non-weight files to carry to an output."""
-        return sorted(
-            p for p in self.path.iterdir()
-            if p.is_file() and p.name not in _NOT_COPIED and not p.name.endswith(_WEIGHT_SUFFIXES)
-            and not p.name.startswith(".")
-        )
+        """The known non-weight files (EXTRA_FILES) present, each a regular file that resolves inside
+        the model directory (or its hub cache repository) and is not absurdly large."""
+        root = confinement_root(self.path)
+        found = []
+        for name in EXTRA_FILES:
+            p = self.path / name
+            if not p.exists() and not p.is_symlink():
+                continue
+            real = p.resolve()
+            if not real.is_relative_to(root):
+                raise InputError(f"{p}: links to {real}, outside the model directory; refusing to copy it")
+            if not real.is_file():
+                raise InputError(f"{p}: not a regular file")
+            if real.stat().st_size > MAX_EXTRA_BYTES:
+                raise InputError(f"{p}: {real.stat().st_size} bytes, too large for a {name}")
+            found.append(p)
+        return found
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and raw bytes of `tensors` (sorted by name): any content
+    change of an input block is detected, not only its size or header."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(memoryview(t.view(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _umask() -> int:
@@ -138,10 +244,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
 def atomic_write(path: Path, write_tmp, fault: str | None = None) -> None:
     """`write_tmp(tmp_path)` writes the content under a temp name; it is then fsynced with the
-    usual permissions and renamed over `path` (the rename is the only visible step)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    usual permissions and renamed over `path` (the rename is the only visible step). Any failure
+    to write (disk full, read-only, a library's own error type) is one OutputError."""
+    tmp = temp_name(path)
     try:
         write_tmp(tmp)
         if fault:
@@ -149,11 +260,14 @@ def atomic_write(path: Path, write_tmp, fault: str | None = None) -> None:
         with open(tmp, "rb+") as fh:
             os.fchmod(fh.fileno(), FILE_MODE)
             os.fsync(fh.fileno())
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except (OSError, SafetensorError) as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
         raise write_error(path, exc) from None
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -162,6 +276,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_copy(src: Path, path: Path) -> None:
+    """Streamed copy (a large tokenizer file is never held in memory)."""
+    atomic_write(path, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -179,25 +298,29 @@ def write_index(out_dir: Path, weight_map: dict[str, str]) -> None:
                 numel = 1
                 for d in sl.get_shape():
                     numel *= d
-                total += numel * _dtype_size(sl.get_dtype())
+                total += numel * DTYPE_BYTES[sl.get_dtype()]
     atomic_write_json(out_dir / INDEX_NAME, {
         "metadata": {"total_size": total},
         "weight_map": dict(sorted(weight_map.items())),
     })
 
 
-def copy_extra_files(reader: CheckpointReader, out_dir: Path) -> None:
-    for src in reader.extra_files():
-        atomic_write_bytes(out_dir / src.name, src.read_bytes())
+_OS_ERROR = re.compile(r"os error (\d+)")
 
 
-def write_error(path: Path, exc: OSError) -> OutputError:
-    if exc.errno == errno.ENOSPC:
-        return OutputError(f"{path}: disk full while writing (no space left on device); free space and run "
-                           "the same command again to resume")
-    return OutputError(f"{path}: cannot write ({exc.strerror or exc})")
-
-
-def _dtype_size(dtype: str) -> int:
-    return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
-            "I16": 2, "U16": 2}.get(dtype, 1)
+def write_error(path: Path, exc: OSError | SafetensorError) -> OutputError:
+    """One line for a failed write. safetensors reports I/O failures as its own exception type with
+    the errno only in the text ("... (os error 28)"), so the errno is taken from there too."""
+    code = getattr(exc, "errno", None)
+    if code is None and (m := _OS_ERROR.search(str(exc))):
+        code = int(m.group(1))
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        what = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EFBIG: "file size limit exceeded"}[code]
+        return OutputError(f"{path}: disk full while writing ({what}); free space and run the same command "
+                           "again to resume")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(f"{path}: cannot write (permission denied or read-only file system)")
+    if isinstance(exc, OSError):
+        return OutputError(f"{path}: cannot write ({exc.strerror or exc})")
+    return OutputError(f"{path}: cannot write ({type(exc).__name__}: {exc})")

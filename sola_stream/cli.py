@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from . import __version__
 from .calibration import DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN
 from .errors import SolaError
+from .stop import Interrupted
 
 EPILOG = """exit codes: 0 done; 1 unexpected error (bug: please report with the traceback);
 2 bad input or options (one-line message names the file, tensor or option);
@@ -16,8 +18,15 @@ EPILOG = """exit codes: 0 done; 1 unexpected error (bug: please report with the 
 130 stopped at once by a second signal (the last finished block still resumes)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too, like every other error (exit 2)."""
+
+    def error(self, message):
+        self.exit(2, f"sola-stream: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sola-stream", description=(
+    p = _Parser(prog="sola-stream", description=(
         "Training-free LLM compression with SoLA (soft activation sparsity + low-rank "
         "decomposition), one decoder block at a time."), epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,12 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="WikiText-2 style perplexity, streamed block by block",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("model", help="dense checkpoint or sola_stream output directory")
-    e.add_argument("--text", default=None, help="evaluation text file (default: ../shared WikiText-2 test if "
-                   "found, else required)")
+    e.add_argument("--text", default=None, help="evaluation text file, UTF-8 (default: the shipped WikiText-2 "
+                   "test split)")
     e.add_argument("--seqlen", type=int, default=1024, help="tokens per window (non-overlapping)")
     e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
     e.add_argument("--device", default="auto", help="cpu, cuda or cuda:N")
     e.add_argument("--batch-tokens", type=int, default=None, help="tokens per forward chunk (default: CPU 1024, GPU 16384)")
+    e.add_argument("--threads", type=int, default=None, help="CPU threads (default: what CPU affinity, cgroup "
+                   "quota and SLURM_CPUS_PER_TASK allow)")
     e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -86,6 +97,8 @@ def _run_options(c: argparse.ArgumentParser) -> None:
                         "memory-mapped files in OUTPUT when it does not fit")
     c.add_argument("--batch-tokens", type=int, default=None,
                    help="tokens per forward chunk (default: CPU 1024; GPU the largest that fits the budget)")
+    c.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: what CPU affinity, cgroup quota and SLURM_CPUS_PER_TASK allow)")
 
 
 def _options(args):
@@ -94,7 +107,8 @@ def _options(args):
     return CompressOptions(method=args.method, ratio=args.ratio, prime_ratio=args.prime_ratio, calib=args.calib,
                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
                            propagate=args.propagate, batch_tokens=args.batch_tokens,
-                           max_gpu_memory=args.max_gpu_memory, max_host_memory=args.max_host_memory)
+                           max_gpu_memory=args.max_gpu_memory, max_host_memory=args.max_host_memory,
+                           threads=args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,12 +117,19 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return {"compress": _compress, "plan": _plan, "eval": _eval, "inspect": _inspect}[args.command](args)
+    except Interrupted as exc:  # a graceful stop is not an error
+        print(f"sola-stream: stopped: {' '.join(str(exc).split())}", file=sys.stderr)
+        return exc.exit_code
     except SolaError as exc:
         print(f"sola-stream: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
         return exc.exit_code
     except KeyboardInterrupt:
         print("sola-stream: interrupted; finished blocks are kept, run the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 def _compress(args) -> int:
@@ -126,7 +147,9 @@ def _compress(args) -> int:
     print(f"  achieved ratio  {s.achieved_ratio_blocks:.4f} of block linear weights, "
           f"{s.achieved_ratio_model:.4f} of all model parameters")
     done = s.blocks - s.resumed_at
-    print(f"  blocks          {s.blocks}" + (f", {s.seconds / done:.1f} s per block" if done else ", already complete"))
+    print(f"  blocks          {s.blocks}" + (f", {s.seconds / done:.1f} s per block" if done else
+                                             ", already complete (every file verified against its checksum)"))
+    print(f"  threads         {s.threads}")
     print(f"  calibration     {opts.nsamples} x {opts.seqlen} tokens, cache "
           f"{'spilled to disk' if s.states_on_disk else 'in RAM'}")
     print(f"  peak memory     host RSS {gib(mem.peak_rss)}" +
@@ -155,12 +178,22 @@ def torch_cuda() -> bool:
 
 
 def _eval(args) -> int:
-    from .evaluate import perplexity
+    from .calibration import default_eval_path
+    from .cpus import set_threads
     from .engine import CompressOptions
+    from .errors import InputError
+    from .evaluate import perplexity
 
-    text = args.text or _default_eval_text()
-    device = CompressOptions(device=args.device)
+    if args.seqlen < 2:
+        raise InputError(f"--seqlen: {args.seqlen} is too short (at least 2 tokens: one predicts the next)")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise InputError(f"--max-windows: {args.max_windows} is not positive")
+    if args.batch_tokens is not None and args.batch_tokens < 1:
+        raise InputError(f"--batch-tokens: {args.batch_tokens} is not positive")
+    text = args.text or str(default_eval_path())
+    device = CompressOptions(device=args.device, threads=args.threads)
     device.validate()
+    set_threads(args.threads)
     r = perplexity(args.model, text, seqlen=args.seqlen, max_windows=args.max_windows,
                    device=device.resolved_device(), batch_tokens=args.batch_tokens, progress=not args.no_progress)
     print(f"perplexity {r.ppl:.4f} over {r.windows} windows x {r.seqlen} tokens ({r.tokens} predicted) "
@@ -169,18 +202,6 @@ def _eval(args) -> int:
         print(json.dumps({"ppl": r.ppl, "nll": r.nll, "windows": r.windows, "seqlen": r.seqlen,
                           "tokens": r.tokens, "text": r.text, "model": args.model}))
     return 0
-
-
-def _default_eval_text() -> str:
-    from pathlib import Path
-
-    from .errors import InputError
-
-    for base in (Path.cwd(), *Path.cwd().parents):
-        cand = base / "shared" / "data" / "wikitext-2" / "wiki.test.raw"
-        if cand.is_file():
-            return str(cand)
-    raise InputError("--text: no evaluation text given and no shared/data/wikitext-2/wiki.test.raw found")
 
 
 def _inspect(args) -> int:

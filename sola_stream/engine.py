@@ -7,6 +7,7 @@ block is committed (runstate.py), so an interrupted run resumes at the first unf
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -18,14 +19,17 @@ from transformers import AutoTokenizer
 from . import __version__, faults, output
 from .calibration import (DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN, TOKENIZE_PIECE_CHARS, calibration_windows,
                           read_calibration_text, text_hash, tokenize)
-from .checkpoint import CheckpointReader
+from .checkpoint import CheckpointReader, tensors_digest
 from .compress import METHODS, BlockResult, compress_block
+from .cpus import set_threads
 from .errors import InputError, OutputError
 from .memory import release_free_memory
 from .modules import build_block
 from .overlap import Background, Prefetch
 from .plan import available_host_memory, make_plan
-from .runstate import GracefulStop, Interrupted, RunDir, fingerprint
+from .runstate import RunDir, fingerprint
+from .section import FORMAT_VERSION as SECTION_VERSION
+from .stop import GracefulStop, Interrupted
 from .skeleton import Skeleton
 from .states import StateCache
 from .stats import BlockStats, run_block
@@ -47,6 +51,7 @@ class CompressOptions:
     batch_tokens: int | None = None  # tokens per forward chunk (None: planned from the device budget)
     max_gpu_memory: float | None = None  # GiB; None: the device's total memory
     max_host_memory: float | None = None  # GiB; None: the host's available memory at the start
+    threads: int | None = None  # CPU threads; None: what affinity, cgroup quota and SLURM allow
 
     def validate(self, need_device: bool = True) -> None:
         if self.method not in METHODS:
@@ -63,10 +68,14 @@ class CompressOptions:
             raise InputError(f"--device {self.device}: CUDA is not available on this machine")
         if self.nsamples < 1 or self.seqlen < 2 or (self.batch_tokens is not None and self.batch_tokens < 1):
             raise InputError("--nsamples, --seqlen and --batch-tokens must be positive (seqlen >= 2)")
+        if self.threads is not None and not 1 <= self.threads <= 4096:
+            raise InputError(f"--threads: {self.threads} is out of range [1, 4096]")
+        if not 0 <= self.seed < 2**64:
+            raise InputError(f"--seed: {self.seed} is out of range [0, 2**64)")
         for name in ("max_gpu_memory", "max_host_memory"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise InputError(f"--{name.replace('_', '-')}: {value} GiB is not positive")
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise InputError(f"--{name.replace('_', '-')}: {value} GiB is not a positive number")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -81,7 +90,7 @@ class CompressOptions:
         """Every option that changes the output bytes (the run fingerprint)."""
         opts = asdict(self)
         opts.pop("calib")  # its content is fingerprinted by hash instead
-        for budget in ("max_gpu_memory", "max_host_memory"):  # they change where, not what
+        for budget in ("max_gpu_memory", "max_host_memory", "threads"):  # they change where, not what
             opts.pop(budget)
         opts["device"] = device.type
         if self.method != "sola":
@@ -100,6 +109,7 @@ class Summary:
     blocks: int
     device: str
     resumed_at: int = 0  # first block computed by this call (0: a fresh run)
+    threads: str = ""  # CPU threads used and what chose the number
     final_states: torch.Tensor | None = None  # last block's outputs, when asked for (tests, analysis)
     states_on_disk: bool = False  # calibration states spilled to memory-mapped files
 
@@ -127,17 +137,34 @@ def embed_windows(skeleton: Skeleton, windows: torch.Tensor, batch: int, out: to
     return out, kwargs
 
 
+def check_paths(model_dir: Path, out_dir: Path) -> None:
+    """The output may not be, hold or sit inside the input model (nothing may touch the input)."""
+    src, dst = model_dir.resolve(), out_dir.resolve()
+    if src == dst:
+        raise OutputError(f"{out_dir}: output directory is the input model directory")
+    if src.is_relative_to(dst):
+        raise OutputError(f"{out_dir}: output directory contains the input model ({model_dir})")
+    if dst.is_relative_to(src):
+        raise OutputError(f"{out_dir}: output directory is inside the input model directory ({model_dir})")
+
+
+def outer_digest(reader: CheckpointReader, layers_prefix: str) -> str:
+    return tensors_digest({n: reader.get(n) for n in reader.names() if not n.startswith(layers_prefix)})
+
+
 def compress(model: str, out: str, options: CompressOptions, progress: bool = True,
              keep_final_states: bool = False, overwrite: bool = False) -> Summary:
     options.validate()
     t0 = time.time()
+    threads = "{} ({})".format(*set_threads(options.threads))
     device = options.resolved_device()
     reader = CheckpointReader(model)
+    out_dir = Path(out)
+    check_paths(reader.path, out_dir)
+    if "sola" in reader.config_dict:
+        raise InputError(f"{reader.path / 'config.json'}: is a sola-stream output; compress the original model")
     skeleton = Skeleton(reader)
     adapter = skeleton.adapter
-    out_dir = Path(out)
-    if out_dir.resolve() == reader.path.resolve():
-        raise OutputError(f"{out_dir}: output directory is the input model directory")
     plan = make_plan(reader.config_dict, options, device,
                      budget_host=None if options.max_host_memory else available_host_memory())
     plan.check()
@@ -152,21 +179,31 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
     batch = max(1, options.batch_tokens // options.seqlen)
     fp = fingerprint(reader, options.result_options(device), calib_sha256)
     n = skeleton.num_blocks
+    layers_prefix = adapter.layers_path + "."
 
-    with RunDir(out_dir, fp, overwrite) as run, GracefulStop() as stop:
+    with RunDir(out_dir, fp, output.planned_files(reader, n), overwrite) as run, GracefulStop() as stop:
+        summary = dict(options=options, t0=t0, n=n, device=device, spilled=plan.spill, threads=threads)
         if run.finished:
-            return _summary(out_dir, options, t0, n, device, n, None, plan.spill)
-        run.cleanup_orphans()
+            return _summary(out_dir, start=n, final_states=None, **summary)
+        outer = outer_digest(reader, layers_prefix)
         start = run.next_block
+        if start:
+            verify = tqdm(total=start, desc="verify", unit="block", disable=not progress)
+            run.verify(outer, lambda i: tensors_digest(reader.tensors(adapter.block_prefix(i))), verify.update)
+            verify.close()
+        run.cleanup_orphans()
         cache = StateCache(run.dir, on_disk=plan.spill)
         commits = Background("commit")
         final = None
         try:
             if start < n:
-                if start == 0 and not cache.path(0).is_file():
+                if run.manifest["states"] is None and start:
+                    raise OutputError(f"{run.dir / 'manifest.json'}: damaged run manifest (no calibration states "
+                                      f"recorded for block {start}); run with --overwrite to start over")
+                if run.manifest["states"] is None:  # a fresh run: embed the windows
                     target = cache.create(0, (len(windows), options.seqlen, skeleton.hidden_size))
                     kwargs = embed_windows(skeleton, windows, batch, target, cache.release)[1]
-                    cache.take_target(0)()
+                    run.commit_start(outer, cache.take_target(0)())
                 else:
                     kwargs = skeleton.embed(windows[:1])[1]
                     cache.open(start)
@@ -174,18 +211,20 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
             bar = tqdm(range(start, n), desc="compress", unit="block", disable=not progress, initial=start, total=n)
             for i in bar:
                 last = i == n - 1
-                result = _compress_one(i, weights.get(i, i + 1 if not last else None), skeleton, cache, kwargs[i],
-                                       options, device, batch, commits, need_outputs=not last or keep_final_states)
+                block_weights, digest = weights.get(i, i + 1 if not last else None)
+                result = _compress_one(i, block_weights, skeleton, cache, kwargs[i], options, device, batch, commits,
+                                       need_outputs=not last or keep_final_states)
+                del block_weights
                 commits.wait()  # block i-1's commit is done with the states about to be replaced
                 swap = cache.take_target(i + 1)  # this block's outputs become the next one's inputs
                 persist = swap if not last else None
-                entry = _block_entry(i, result)
+                entry = _block_entry(i, result, digest)
                 commits.start(lambda i=i, t=result.tensors, e=entry, p=persist: _commit(run, out_dir, adapter, i, t, e, p))
                 bar.set_postfix(kept=f"{result.kept_params / result.dense_params:.3f}")
                 if stop.requested and not last:
                     commits.wait()
                     bar.close()
-                    raise Interrupted(f"{out_dir}: stopped by signal after block {i} of {n}; "
+                    raise Interrupted(f"{out_dir}: stopped after block {i} of {n} (blocks 0..{i} are committed); "
                                       "run the same command again to resume")
             commits.wait()
             if keep_final_states and start < n:
@@ -194,15 +233,15 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
             commits.wait(quiet=True)  # a commit in flight completes before the lock is released
             cache.close()
         sola = _sola_section(options, calib_desc, run.manifest, reader, adapter, fp)
-        output.finish(out_dir, reader, n, adapter.layers_path + ".", sola)
+        output.finish(out_dir, reader, n, layers_prefix, sola)
         faults.hit("config_written")
         run.complete()
-    return _summary(out_dir, options, t0, n, device, start, final, plan.spill)
+    return _summary(out_dir, start=start, final_states=final, **summary)
 
 
 def _commit(run: RunDir, out_dir: Path, adapter, i: int, tensors: dict, entry: dict, persist) -> None:
     """Block i made durable: shard, next block's states, manifest (docs/RESUME.md)."""
-    output.write_block(out_dir, i, adapter.block_prefix(i), tensors)
+    entry["shard_sha256"] = output.write_block(out_dir, i, adapter.block_prefix(i), tensors)
     faults.hit("block_written")
     run.commit_block(i, entry, persist)
     faults.hit("block_committed")
@@ -252,8 +291,9 @@ def _compress_one(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, 
     return result
 
 
-def _block_entry(i: int, result: BlockResult) -> dict:
-    return {"block": i, "shard": output.block_shard_name(i), "dense_params": result.dense_params,
+def _block_entry(i: int, result: BlockResult, input_sha256: str) -> dict:
+    return {"block": i, "shard": output.block_shard_name(i), "input_sha256": input_sha256,
+            "dense_params": result.dense_params,
             "kept_params": result.kept_params, "layers": result.specs,
             "whitened_error": {k: round(v, 6) for k, v in result.error.items()}, "damping": result.damping}
 
@@ -266,7 +306,7 @@ def _sola_section(options: CompressOptions, calib_desc: str, manifest: dict, rea
     model_dense = output.model_params(reader)
     model_kept = model_dense - (dense - kept)
     return {
-        "format_version": 1,
+        "format_version": SECTION_VERSION,
         "package_version": __version__,
         "method": options.method,
         "ratio": options.ratio,
@@ -285,13 +325,13 @@ def _sola_section(options: CompressOptions, calib_desc: str, manifest: dict, rea
 
 
 def _summary(out_dir: Path, options: CompressOptions, t0: float, n: int, device: torch.device, start: int,
-             final_states, spilled: bool) -> Summary:
+             final_states, spilled: bool, threads: str) -> Summary:
     sola = json.loads((out_dir / "config.json").read_text())["sola"]
     return Summary(output=str(out_dir), method=options.method, target_ratio=options.ratio,
                    achieved_ratio_blocks=sola["achieved_ratio_blocks"],
                    achieved_ratio_model=sola["achieved_ratio_model"], seconds=time.time() - t0, blocks=n,
                    device=str(device), resumed_at=start, final_states=final_states,
-                   states_on_disk=spilled)
+                   states_on_disk=spilled, threads=threads)
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:

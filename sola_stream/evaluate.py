@@ -14,13 +14,13 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .calibration import tokenize
+from .calibration import read_text, tokenize
 from .checkpoint import CheckpointReader
 from .engine import embed_windows, load_tokenizer
 from .errors import InputError
-from .loading import block_specs
 from .modules import build_block
 from .plan import DEFAULT_BATCH_TOKENS
+from .section import block_specs, build_checked, check_sola_section
 from .skeleton import Skeleton
 from .stats import run_block
 
@@ -56,17 +56,20 @@ def perplexity(model: str, text_path: str, seqlen: int = DEFAULT_EVAL_SEQLEN, ma
     reader = CheckpointReader(model)
     skeleton = Skeleton(reader)
     sola = reader.config_dict.get("sola")
+    if sola is not None:
+        check_sola_section(sola, skeleton.num_blocks, skeleton.adapter.linears, str(reader.path / "config.json"))
     path = Path(text_path)
     if not path.is_file():
         raise InputError(f"{path}: evaluation text not found")
     tokenizer = load_tokenizer(reader.path)
-    ids = tokenize(tokenizer, path.read_text(encoding="utf-8"), add_special_tokens=True)
+    ids = tokenize(tokenizer, read_text(path, "evaluation text"), add_special_tokens=True)
     windows = eval_windows(ids, seqlen, max_windows, str(path))
     batch = max(1, (batch_tokens or DEFAULT_BATCH_TOKENS[torch.device(device).type]) // seqlen)
     states, kwargs = embed_windows(skeleton, windows, batch)
     for i in tqdm(range(skeleton.num_blocks), desc="eval", unit="block", disable=not progress):
         tensors = reader.tensors(skeleton.adapter.block_prefix(i))
-        block = build_block(skeleton.meta_block(i), tensors, block_specs(sola, i), device, torch.float32)
+        block = build_checked(lambda: build_block(skeleton.meta_block(i), tensors, block_specs(sola, i), device,
+                                                  torch.float32), str(reader.path), i)
         run_block(block, states, kwargs[i], device, batch, out=states)
         del block
     nll_sum, count = 0.0, 0

@@ -1,19 +1,26 @@
 """What a compressed directory holds: method, ratios, ranks per block and layer."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from types import SimpleNamespace
 
+from .arch import adapter_for
+from .checkpoint import read_json_object
 from .errors import InputError
+from .inputs import check_config
+from .section import check_sola_section
 
 
 def summary_dict(path: str) -> dict:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise InputError(f"{config_file}: missing (not a finished sola_stream output)")
-    sola = json.loads(config_file.read_text()).get("sola")
-    if not sola:
+    config = read_json_object(config_file, "config.json")
+    if "sola" not in config:
         raise InputError(f"{config_file}: no 'sola' section (not a sola_stream output)")
+    adapter = adapter_for(SimpleNamespace(model_type=config.get("model_type")), str(config_file))
+    check_config(config, str(config_file))
+    sola = check_sola_section(config["sola"], config["num_hidden_layers"], adapter.linears, str(config_file))
     return {
         "path": str(path),
         "method": sola["method"],

@@ -7,12 +7,10 @@ from transformers import AutoModelForCausalLM
 
 from .arch import adapter_for
 from .checkpoint import CheckpointReader
+from .errors import InputError
 from .modules import build_block
+from .section import block_specs, build_checked, check_sola_section
 from .skeleton import load_config
-
-
-def block_specs(sola: dict | None, index: int) -> dict | None:
-    return None if not sola else sola["blocks"][index]["layers"]
 
 
 def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -26,9 +24,12 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = model.get_submodule(adapter.layers_path)
+    if sola is not None:
+        check_sola_section(sola, len(layers), adapter.linears, str(reader.path / "config.json"))
     for i in range(len(layers)):
         tensors = reader.tensors(adapter.block_prefix(i))
-        layers[i] = build_block(layers[i], tensors, block_specs(sola, i), device, dtype)
+        layers[i] = build_checked(lambda: build_block(layers[i], tensors, block_specs(sola, i), device, dtype),
+                                  str(reader.path), i)
     prefix = adapter.layers_path + "."
     outer = {n: reader.get(n).to(dtype) for n in reader.weight_map if not n.startswith(prefix)}
     model.load_state_dict(outer, strict=False, assign=True)
@@ -37,5 +38,5 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
         head.weight = model.get_input_embeddings().weight
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
-        raise ValueError(f"{reader.path}: tensor {missing[0]!r} missing")
+        raise InputError(f"{reader.path}: tensor {missing[0]!r} missing")
     return model.to(device=device, dtype=dtype).eval()

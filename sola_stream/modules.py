@@ -79,10 +79,28 @@ def layer_from_tensors(spec: dict, tensors: dict[str, torch.Tensor]) -> nn.Modul
     return NeuronSplitLinear(prime, marginal, spec["split"])
 
 
+def weight_shapes(spec: dict, m: int, n: int) -> dict[str, tuple[int, int]]:
+    """The weight tensors (names relative to the layer) a layer of original shape m x n stores
+    under `spec`, with their shapes."""
+    rank, prime, split = spec.get("rank"), spec.get("prime"), spec.get("split")
+
+    def part(prefix: str, rows: int, cols: int) -> dict[str, tuple[int, int]]:
+        if rank is None:
+            return {prefix + "weight": (rows, cols)}
+        return {prefix + "lowrank.a": (rows, rank), prefix + "lowrank.b": (rank, cols)}
+
+    if prime is None:
+        return part("", m, n)
+    if split == "out":
+        return {"prime.weight": (prime, n), **part("marginal.", m - prime, n)}
+    return {"prime.weight": (m, prime), **part("marginal.", m, n - prime)}
+
+
 def build_block(meta_block: nn.Module, tensors: dict[str, torch.Tensor], layer_specs: dict | None,
                 device: torch.device | str, dtype: torch.dtype) -> nn.Module:
     """A ready block from an empty (meta) one, its tensors (names relative to the block) and,
-    for a compressed block, the per-layer specs."""
+    for a compressed block, the per-layer specs. Tensors that do not match the specs and the
+    block's shapes raise ValueError naming the tensor."""
     block = copy.deepcopy(meta_block)
     tensors = dict(tensors)
     for name, spec in (layer_specs or {}).items():
@@ -90,8 +108,18 @@ def build_block(meta_block: nn.Module, tensors: dict[str, torch.Tensor], layer_s
             continue  # dense layer: loaded below as the family's own nn.Linear
         prefix = name + "."
         own = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+        meta = block.get_submodule(name)
+        for key, shape in weight_shapes(spec, meta.out_features, meta.in_features).items():
+            if key not in own:
+                raise ValueError(f"tensor {prefix + key!r} missing (layer spec {spec})")
+            if tuple(own[key].shape) != shape:
+                raise ValueError(f"tensor {prefix + key!r} has shape {tuple(own[key].shape)}, its layer spec "
+                                 f"{spec} implies {shape}")
         block.set_submodule(name, layer_from_tensors(spec, own))
-    block.load_state_dict(tensors, strict=False, assign=True)
+    try:
+        block.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as exc:  # size mismatch of a dense tensor
+        raise ValueError(" ".join(str(exc).split())) from None
     missing = [n for n, p in block.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"block tensors lack {missing[0]!r}")

@@ -2,7 +2,8 @@
 
 Layout: `model-block-NNNNN.safetensors` per decoder block, `model-outer.safetensors` for the
 tensors outside the blocks (embeddings, final norm, untied head), `model.safetensors.index.json`,
-`config.json` (the input's, plus a `sola` section) and the input's tokenizer files.
+`config.json` (the input's, plus a `sola` section) and the input's known non-weight files
+(tokenizer, generation config, chat template, license, readme; checkpoint.EXTRA_FILES).
 config.json is written last: a directory without it is not a finished model.
 """
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .checkpoint import CheckpointReader, atomic_save_tensors, atomic_write_json, copy_extra_files, write_index
+from .checkpoint import (INDEX_NAME, CheckpointReader, atomic_copy, atomic_save_tensors, atomic_write_json,
+                         file_sha256, write_index)
 
 OUTER_SHARD = "model-outer.safetensors"
 
@@ -20,8 +22,17 @@ def block_shard_name(index: int) -> str:
     return f"model-block-{index:05d}.safetensors"
 
 
-def write_block(out_dir: Path, index: int, prefix: str, tensors: dict) -> None:
-    atomic_save_tensors(out_dir / block_shard_name(index), {prefix + k: v for k, v in tensors.items()})
+def planned_files(reader: CheckpointReader, num_blocks: int) -> list[str]:
+    """Every file name a run writes at the top of the output directory."""
+    return ([block_shard_name(i) for i in range(num_blocks)] + [OUTER_SHARD, INDEX_NAME, "config.json"]
+            + [p.name for p in reader.extra_files()])
+
+
+def write_block(out_dir: Path, index: int, prefix: str, tensors: dict) -> str:
+    """The block's shard, made durable; returns its SHA-256 (recorded in the run manifest)."""
+    path = out_dir / block_shard_name(index)
+    atomic_save_tensors(path, {prefix + k: v for k, v in tensors.items()})
+    return file_sha256(path)
 
 
 def model_params(reader: CheckpointReader) -> int:
@@ -35,7 +46,7 @@ def model_params(reader: CheckpointReader) -> int:
 
 
 def finish(out_dir: Path, reader: CheckpointReader, num_blocks: int, layers_prefix: str, sola: dict) -> None:
-    """Everything after the last block: outer shard, index, tokenizer files, then config.json."""
+    """Everything after the last block: outer shard, index, extra files, then config.json."""
     outer = {n: reader.get(n) for n in reader.weight_map if not n.startswith(layers_prefix)}
     atomic_save_tensors(out_dir / OUTER_SHARD, outer)
     weight_map = {n: OUTER_SHARD for n in outer}
@@ -43,7 +54,8 @@ def finish(out_dir: Path, reader: CheckpointReader, num_blocks: int, layers_pref
         with safe_open(str(out_dir / block_shard_name(i)), framework="pt") as fh:
             weight_map.update({n: block_shard_name(i) for n in fh.keys()})
     write_index(out_dir, weight_map)
-    copy_extra_files(reader, out_dir)
+    for src in reader.extra_files():
+        atomic_copy(src, out_dir / src.name)
     config = dict(reader.config_dict)
     config["sola"] = sola
     atomic_write_json(out_dir / "config.json", config)

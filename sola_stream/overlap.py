@@ -10,6 +10,8 @@ import threading
 
 import torch
 
+from .checkpoint import tensors_digest
+
 
 class Background:
     """At most one background job; `start` waits for the previous one (commits stay in order)."""
@@ -43,9 +45,9 @@ class Background:
 
 
 class Prefetch:
-    """Block tensors read one block ahead: `get(i, next)` returns block i's tensors and starts
-    reading block `next` in the background (pinned host memory when the device is a GPU, so the
-    copy to the device can be asynchronous)."""
+    """Block tensors read one block ahead: `get(i, next)` returns block i's tensors with their
+    digest (checked again on resume) and starts reading block `next` in the background (pinned
+    host memory when the device is a GPU, so the copy to the device can be asynchronous)."""
 
     def __init__(self, reader, skeleton, device: torch.device):
         self.reader, self.skeleton = reader, skeleton
@@ -53,17 +55,18 @@ class Prefetch:
         self._job = Background("prefetch")
         self._pending: int | None = None
 
-    def _read(self, i: int) -> dict[str, torch.Tensor]:
+    def _read(self, i: int) -> tuple[dict[str, torch.Tensor], str]:
         tensors = self.reader.tensors(self.skeleton.adapter.block_prefix(i))
-        return {k: v.pin_memory() for k, v in tensors.items()} if self.pin else tensors
+        digest = tensors_digest(tensors)
+        return ({k: v.pin_memory() for k, v in tensors.items()} if self.pin else tensors), digest
 
-    def get(self, i: int, following: int | None) -> dict[str, torch.Tensor]:
+    def get(self, i: int, following: int | None) -> tuple[dict[str, torch.Tensor], str]:
         if self._pending == i:
-            tensors = self._job.wait()
+            got = self._job.wait()
         else:
             self._job.wait(quiet=True)
-            tensors = self._read(i)
+            got = self._read(i)
         self._pending = following
         if following is not None:
             self._job.start(lambda: self._read(following))
-        return tensors
+        return got

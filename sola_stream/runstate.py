@@ -1,48 +1,44 @@
-"""Per-block commit, resume, locking and graceful stop for one output directory.
+"""Per-block commit, resume and its integrity checks for one output directory.
 
-While a run is unfinished its output directory holds `.sola-run/`:
-- `lock`: the pid and host of the process writing the directory (created with O_EXCL).
-- `manifest.json`: the run's fingerprint and one entry per finished block (the commit record).
+An output directory is ours only when it holds the `.sola-stream.json` marker (ownership.py).
+While a run is unfinished it also holds `.sola-run/`:
+- `manifest.json`: the run's fingerprint, the SHA-256 of the outer input tensors, the current
+  states file's SHA-256 and one entry per finished block (shard SHA-256, input-tensor digest):
+  the commit record.
 - `states-NNNNN.safetensors`: the calibration states entering block NNNNN (float32), so that a
   resumed run starts there without replaying finished blocks.
-Commit order per block: shard (temp name, fsync, rename) -> next states (same) -> manifest
-(same; this is the commit point) -> the previous states file is deleted. A crash anywhere leaves
-the last committed block's states and manifest intact; see docs/RESUME.md.
+`.sola-stream.lock` (lock.py) is held by the writing process. Commit order per block: shard
+(temp name, fsync, rename) -> next states (same) -> manifest (same; the commit point) -> the
+previous states file is deleted. Before a resume, everything the manifest records is verified.
+See docs/RESUME.md.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import signal
-import socket
-import threading
 from pathlib import Path
 
-import psutil
-import torch
-
 from . import __version__
-from .checkpoint import CheckpointReader, atomic_save_tensors, atomic_write_json, fsync_dir
-from .errors import OutputError, SolaError
+from .checkpoint import CheckpointReader, atomic_write_json, file_sha256, fsync_dir
+from .errors import OutputError
+from .lock import DirLock
+from .ownership import MARKER, foreign_planned, read_marker, remove_ours, verify_files, write_marker
+from .output import block_shard_name
 from .states import states_file
 
 RUN_DIR = ".sola-run"
 MANIFEST = "manifest.json"
-LOCK = "lock"
-EXIT_INTERRUPTED = 75  # sysexits EX_TEMPFAIL: stopped at a safe point, run the same command to resume
+LOCK = ".sola-stream.lock"
+MANIFEST_VERSION = 2
 _HASH_EDGE = 1 << 20  # bytes hashed at each end of an input file (with its header and size)
-
-
-class Interrupted(SolaError):
-    exit_code = EXIT_INTERRUPTED
+_REDO = "run with --overwrite to start over"
 
 
 def file_fingerprint(path: Path) -> dict:
-    """Name, size and a SHA-256 over the safetensors header and the first and last MiB.
-    Hashing whole 140 GB checkpoints on every resume would cost minutes; any rewrite of a
-    shard changes its header offsets, size or edges."""
+    """Name, size and a SHA-256 over the safetensors header and the first and last MiB: a cheap
+    first check on every start. Content changes inside finished blocks are caught by their
+    input digests (RunDir.verify)."""
     h = hashlib.sha256()
     size = path.stat().st_size
     with open(path, "rb") as fh:
@@ -67,82 +63,126 @@ def fingerprint(reader: CheckpointReader, options: dict, calib_sha256: str) -> d
     }
 
 
-class RunDir:
-    """The `.sola-run` state of one output directory; use as a context manager (holds the lock)."""
+def _classify(out: Path) -> dict | None:
+    """None for a new or empty directory, the marker for one of ours; anything else is refused."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory")
+    if not out.is_dir():
+        return None
+    try:
+        names = {p.name for p in out.iterdir()} - {LOCK}
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot list the output directory ({exc.strerror})") from None
+    if not names:
+        return None
+    if MARKER not in names:
+        raise OutputError(f"{out}: directory holds files that sola-stream did not write (no {MARKER}); "
+                          "choose a new or empty output directory")
+    return read_marker(out)
 
-    def __init__(self, out_dir: Path, fp: dict, overwrite: bool = False):
-        self.out_dir, self.fp = out_dir, fp
+
+class RunDir:
+    """The run state of one output directory; a context manager that holds the lock while writing.
+
+    `planned`: every file name the run will write at the top of the directory."""
+
+    def __init__(self, out_dir: Path, fp: dict, planned: list[str], overwrite: bool = False):
+        self.out_dir, self.fp, self.planned = out_dir, fp, planned
         self.dir = out_dir / RUN_DIR
-        self._check_output(overwrite)
-        # a finished output of this same run: nothing to lock or resume
-        self.finished = not (self.dir / MANIFEST).is_file() and _finished_output(out_dir)
-        if self.finished:
+        self.finished = False
+        self._lock: DirLock | None = None
+        marker = _classify(out_dir)
+        if marker and self._finished(marker) and not overwrite:
+            self._check_finished(marker)
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock()
-        self.manifest = self._load_or_create_manifest()
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{out_dir}: cannot create the output directory ({exc.strerror})") from None
+        self._lock = DirLock(out_dir / LOCK, str(out_dir)).acquire()
+        try:
+            marker = _classify(out_dir)  # again, now that no other process can change it
+            if marker is None or overwrite:  # a new run: no file of the user's may stand in its way
+                ours = set(marker["planned"]) | set(marker.get("files", {})) if marker else set()
+                if clash := foreign_planned(out_dir, [p for p in planned if p not in ours]):
+                    raise OutputError(f"{out_dir / clash}: exists and would be replaced by the output; move it away")
+            if marker and overwrite:
+                remove_ours(out_dir, marker)
+                shutil.rmtree(self.dir, ignore_errors=True)
+                marker = None
+            if marker is None:
+                write_marker(out_dir, planned)
+                self.dir.mkdir(exist_ok=True)
+                self.manifest = {"format_version": MANIFEST_VERSION, "fingerprint": fp, "outer_sha256": None,
+                                 "states": None, "blocks": []}
+                atomic_write_json(self.dir / MANIFEST, self.manifest)
+            elif self._finished(marker):  # finished by another process meanwhile
+                self._check_finished(marker)
+                self.release()
+            else:
+                self.manifest = self._load_manifest()
+        except BaseException:
+            self.release()
+            raise
 
     # -- opening -------------------------------------------------------------------------------
-    def _check_output(self, overwrite: bool) -> None:
-        out = self.out_dir
-        if out.exists() and not out.is_dir():
-            raise OutputError(f"{out}: exists and is not a directory")
-        if not out.is_dir() or not any(out.iterdir()):
-            return
-        ours = (self.dir / MANIFEST).is_file() or _finished_output(out)
-        if not ours:
-            raise OutputError(f"{out}: directory holds files that are not a sola-stream run; "
-                              "choose a new or empty output directory")
-        if overwrite:
-            self._refuse_if_locked()
-            for child in out.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-            return
-        if not (self.dir / MANIFEST).is_file():  # finished earlier
-            sola = json.loads((out / "config.json").read_text())["sola"]
-            if sola.get("fingerprint") != self.fp:
-                raise OutputError(f"{out}: holds a finished run with a different model or options; "
-                                  "use --overwrite to start over")
+    def _finished(self, marker: dict) -> bool:
+        return bool(marker.get("complete")) and not (self.dir / MANIFEST).exists()
 
-    def _refuse_if_locked(self) -> None:
-        holder = _lock_holder(self.dir / LOCK)
-        if holder and _alive(holder):
-            raise OutputError(f"{self.out_dir}: locked by running process pid {holder['pid']} on {holder['host']}")
+    def _check_finished(self, marker: dict) -> None:
+        """The same run finished earlier: its fingerprint matches and every file is intact."""
+        config = self.out_dir / "config.json"
+        try:
+            old = json.loads(config.read_text())["sola"]["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise OutputError(f"{config}: missing or damaged in a finished output; {_REDO}") from None
+        if old != self.fp:
+            raise OutputError(f"{self.out_dir}: holds a finished run with a different model or options "
+                              f"({_first_difference(old if isinstance(old, dict) else {}, self.fp)}); "
+                              "use --overwrite to start over")
+        verify_files(self.out_dir, marker.get("files", {}), _REDO)
+        self.finished = True
 
-    def _lock(self) -> None:
-        path = self.dir / LOCK
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _lock_holder(path)
-                if holder and _alive(holder):
-                    raise OutputError(f"{self.out_dir}: locked by running process pid {holder['pid']} "
-                                      f"on {holder['host']} ({path})") from None
-                path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            self._locked = True
-            return
-        raise OutputError(f"{path}: cannot take the lock")
-
-    def _load_or_create_manifest(self) -> dict:
+    def _load_manifest(self) -> dict:
         path = self.dir / MANIFEST
-        if path.is_file():
-            manifest = json.loads(path.read_text())
-            if manifest.get("fingerprint") != self.fp:
-                self.release()
-                diff = _first_difference(manifest.get("fingerprint", {}), self.fp)
-                raise OutputError(f"{self.out_dir}: holds an unfinished run of a different model or options "
-                                  f"({diff}); run the same command to resume, or --overwrite to start over")
-            return manifest
-        manifest = {"format_version": 1, "fingerprint": self.fp, "blocks": []}
-        atomic_write_json(path, manifest)
-        return manifest
+        try:
+            m = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise OutputError(f"{path}: missing from an unfinished run; {_REDO}") from None
+        except (OSError, ValueError) as exc:
+            raise OutputError(f"{path}: damaged run manifest ({exc}); {_REDO}") from None
+        if not _valid_manifest(m):
+            raise OutputError(f"{path}: damaged run manifest or one of another sola-stream version; {_REDO}")
+        if m["fingerprint"] != self.fp:
+            diff = _first_difference(m["fingerprint"], self.fp)
+            raise OutputError(f"{self.out_dir}: holds an unfinished run of a different model or options "
+                              f"({diff}); run the same command to resume, or --overwrite to start over")
+        return m
+
+    def verify(self, outer_digest: str, block_digest, progress=None) -> None:
+        """Before resuming: the outer input tensors, the states file, and each committed block's
+        shard and input tensors are exactly what the manifest recorded."""
+        m = self.manifest
+        if m["outer_sha256"] is not None and m["outer_sha256"] != outer_digest:
+            raise OutputError(f"{self.out_dir}: the input model's embeddings/head changed since this run started; "
+                              f"{_REDO}")
+        if m["states"] is not None:
+            path = self.states_path(self.next_block)
+            if not path.is_file():
+                raise OutputError(f"{path}: calibration states of the unfinished run are missing; {_REDO}")
+            if file_sha256(path) != m["states"]["sha256"]:
+                raise OutputError(f"{path}: calibration states damaged (checksum differs from the manifest); {_REDO}")
+        for entry in m["blocks"]:
+            shard = self.out_dir / entry["shard"]
+            if not shard.is_file():
+                raise OutputError(f"{shard}: committed block shard is missing; {_REDO}")
+            if file_sha256(shard) != entry["shard_sha256"]:
+                raise OutputError(f"{shard}: damaged (checksum differs from the manifest); {_REDO}")
+            if block_digest(entry["block"]) != entry["input_sha256"]:
+                raise OutputError(f"{self.out_dir}: the input model's block {entry['block']} changed since it was "
+                                  f"compressed; {_REDO}")
+            if progress is not None:
+                progress()
 
     # -- progress ------------------------------------------------------------------------------
     @property
@@ -152,11 +192,20 @@ class RunDir:
     def states_path(self, block: int) -> Path:
         return states_file(self.dir, block)
 
+    def commit_start(self, outer_digest: str, states_sha256: str) -> None:
+        """The first block's states are durable: recorded with the outer tensors' digest."""
+        self.manifest["outer_sha256"] = outer_digest
+        self.manifest["states"] = {"block": 0, "sha256": states_sha256}
+        atomic_write_json(self.dir / MANIFEST, self.manifest)
+
     def commit_block(self, index: int, entry: dict, persist_states) -> None:
-        """Called after block `index`'s shard is durable: `persist_states()` makes the next
-        block's states durable (None after the last block), then the manifest commits."""
+        """Called after block `index`'s shard is durable (its SHA-256 in `entry`):
+        `persist_states()` makes the next block's states durable and returns their SHA-256
+        (None after the last block), then the manifest commits."""
         if persist_states is not None:
-            persist_states()
+            self.manifest["states"] = {"block": index + 1, "sha256": persist_states()}
+        else:
+            self.manifest["states"] = None
         self.manifest["blocks"].append(entry)
         atomic_write_json(self.dir / MANIFEST, self.manifest)
         self.states_path(index).unlink(missing_ok=True)
@@ -170,15 +219,21 @@ class RunDir:
             p.unlink()
 
     def complete(self) -> None:
-        """The output is final (config.json written): drop the run state."""
+        """config.json is written: record every output file's checksum in the marker (the output
+        is now final), then drop the run state."""
+        files = {e["shard"]: e["shard_sha256"] for e in self.manifest["blocks"]}
+        for name in self.planned:
+            if name not in files and (self.out_dir / name).is_file():
+                files[name] = file_sha256(self.out_dir / name)
+        write_marker(self.out_dir, self.planned, files)
         shutil.rmtree(self.dir)
+        self.release()
         fsync_dir(self.out_dir)
-        self._locked = False
 
     def release(self) -> None:
-        if getattr(self, "_locked", False):
-            (self.dir / LOCK).unlink(missing_ok=True)
-            self._locked = False
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self):
         return self
@@ -187,30 +242,26 @@ class RunDir:
         self.release()
 
 
-def _finished_output(out: Path) -> bool:
-    try:
-        return "sola" in json.loads((out / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+def _valid_manifest(m) -> bool:
+    """Types of everything the resume reads (a manifest is data a user or a crash could damage)."""
+    if not isinstance(m, dict) or m.get("format_version") != MANIFEST_VERSION:
         return False
-
-
-def _lock_holder(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _alive(holder: dict) -> bool:
-    if holder.get("host") != socket.gethostname():
-        return True  # another machine's process: cannot check, assume it runs
-    pid = holder.get("pid")
-    if not isinstance(pid, int) or not psutil.pid_exists(pid):
+    if not isinstance(m.get("fingerprint"), dict) or not isinstance(m.get("blocks"), list):
         return False
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
+    if not (m.get("outer_sha256") is None or isinstance(m["outer_sha256"], str)):
         return False
+    states = m.get("states")
+    if not (states is None or (isinstance(states, dict) and isinstance(states.get("sha256"), str)
+                               and states.get("block") == len(m["blocks"]))):
+        return False
+    for i, b in enumerate(m["blocks"]):
+        if not isinstance(b, dict) or b.get("block") != i or b.get("shard") != block_shard_name(i):
+            return False
+        if not all(isinstance(b.get(k), str) for k in ("shard_sha256", "input_sha256")):
+            return False
+        if not isinstance(b.get("layers"), dict) or not all(isinstance(b.get(k), int) for k in ("dense_params", "kept_params")):
+            return False
+    return True
 
 
 def _first_difference(old: dict, new: dict, path: str = "") -> str:
@@ -226,27 +277,3 @@ def _first_difference(old: dict, new: dict, path: str = "") -> str:
 def _short(v) -> str:
     s = json.dumps(v)
     return s if len(s) < 80 else s[:77] + "..."
-
-
-class GracefulStop:
-    """SIGTERM/SIGINT set a flag that the block loop checks at safe points; a second signal
-    stops at once (the last committed block still resumes)."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)

@@ -18,6 +18,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .arch import Adapter, adapter_for
 from .checkpoint import CheckpointReader
 from .errors import InputError
+from .inputs import check_config, check_layer_count, check_tensors
+
+# tensors some older checkpoints carry that the model recomputes (ignored when read)
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
 class _StopForward(Exception):
@@ -42,12 +46,17 @@ class _Recorder(nn.Module):
 
 
 def load_config(reader: CheckpointReader):
+    """The transformers config, after the checks that need no model: family, field types and
+    bounds, and the layer count against the checkpoint's tensor names."""
+    where = str(reader.path / "config.json")
     # refuse unknown families before transformers does (its message is long and suggests upgrading)
-    adapter_for(SimpleNamespace(model_type=reader.config_dict.get("model_type")), str(reader.path / "config.json"))
+    adapter = adapter_for(SimpleNamespace(model_type=reader.config_dict.get("model_type")), where)
+    check_config(reader.config_dict, where)
+    check_layer_count(reader.weight_map, adapter.layers_path, reader.config_dict["num_hidden_layers"], where)
     try:
         config = AutoConfig.from_pretrained(str(reader.path))
     except Exception as exc:
-        raise InputError(f"{reader.path / 'config.json'}: cannot be read as a transformers config ({exc})") from None
+        raise InputError(f"{where}: cannot be read as a transformers config ({exc})") from None
     # sdpa takes is_causal when no mask is given; eager would need a mask for every batch shape
     config._attn_implementation = "sdpa"
     return config
@@ -59,11 +68,18 @@ class Skeleton:
         self.config = load_config(reader)
         self.adapter: Adapter = adapter_for(self.config, str(reader.path / "config.json"))
         self.dtype = dtype
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        try:
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        except Exception as exc:  # e.g. widths that do not divide into heads
+            raise InputError(f"{reader.path / 'config.json'}: cannot build the model it describes "
+                             f"({type(exc).__name__}: {exc})") from None
         layers = model.get_submodule(self.adapter.layers_path)
         self.num_blocks = len(layers)
         self._meta_blocks = list(layers)
+        if "sola" not in reader.config_dict:  # dense blocks: names and shapes known before any work
+            for i in range(self.num_blocks):
+                self.check_block(i)
         self._sink: dict = {}
         recorders = [_Recorder(i, i == self.num_blocks - 1, self._sink) for i in range(self.num_blocks)]
         model.set_submodule(self.adapter.layers_path, nn.ModuleList(recorders))
@@ -71,25 +87,23 @@ class Skeleton:
         self.model = model.eval()
 
     def _load_outer(self, model: nn.Module) -> None:
+        """Embeddings, final norm and head: names and shapes checked against the model first."""
         prefix = self.adapter.layers_path + "."
-        state = {}
-        for name in self.reader.weight_map:
-            if not name.startswith(prefix):
-                t = self.reader.get(name)
-                if t.is_floating_point() and not torch.isfinite(t).all():
-                    raise InputError(f"{self.reader.path / self.reader.weight_map[name]}: tensor {name!r} has NaN or Inf")
-                state[name] = t.to(self.dtype)
-        expected = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-        unknown = sorted(set(state) - expected)
-        if unknown:
-            raise InputError(f"{self.reader.path}: unexpected tensor {unknown[0]!r} for {self.adapter.family}")
-        model.load_state_dict(state, strict=False, assign=True)
+        names = [n for n in self.reader.names() if not n.startswith(prefix) and not n.endswith(IGNORED_SUFFIXES)]
         head = self.adapter.head_path + ".weight"
-        if head not in state and getattr(self.config, "tie_word_embeddings", False):
+        tied = getattr(self.config, "tie_word_embeddings", False) and head not in names
+        expected = {n: tuple(t.shape) for n, t in model.state_dict().items()
+                    if not n.startswith(prefix) and not (tied and n == head)}
+        check_tensors(expected, {n: self.reader.shape(n) for n in names}, "", str(self.reader.path))
+        state = {}
+        for name in names:
+            t = self.reader.get(name)
+            if not torch.isfinite(t).all():
+                raise InputError(f"{self.reader.path / self.reader.weight_map[name]}: tensor {name!r} has NaN or Inf")
+            state[name] = t.to(self.dtype)
+        model.load_state_dict(state, strict=False, assign=True)
+        if tied:
             model.get_submodule(self.adapter.head_path).weight = model.get_input_embeddings().weight
-        still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-        if still_meta:
-            raise InputError(f"{self.reader.path}: tensor {still_meta[0]!r} missing from the checkpoint")
 
     @property
     def hidden_size(self) -> int:
@@ -98,6 +112,14 @@ class Skeleton:
     def block_names(self, index: int) -> set[str]:
         """Parameter and persistent-buffer names of one block, relative to its prefix."""
         return set(self._meta_blocks[index].state_dict().keys())
+
+    def check_block(self, index: int) -> None:
+        """A dense block's tensor names and shapes in the checkpoint equal the model's."""
+        prefix = self.adapter.block_prefix(index)
+        expected = {n: tuple(t.shape) for n, t in self._meta_blocks[index].state_dict().items()}
+        actual = {n[len(prefix):]: self.reader.shape(n) for n in self.reader.names(prefix)
+                  if not n.endswith(IGNORED_SUFFIXES)}
+        check_tensors(expected, actual, prefix, str(self.reader.path))
 
     def meta_block(self, index: int) -> nn.Module:
         """A fresh empty copy of block `index` (parameters on the meta device)."""

@@ -13,6 +13,7 @@ hidden) whose data starts on a page boundary, so either mode resumes a run of th
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import faults
-from .checkpoint import FILE_MODE, atomic_write, fsync_dir, write_error
+from .checkpoint import FILE_MODE, atomic_write, file_sha256, fsync_dir, write_error
 from .errors import OutputError
 
 PAGE = mmap.PAGESIZE
@@ -55,14 +56,19 @@ def _data_offset_and_shape(path: Path) -> tuple[int, tuple[int, ...]]:
     return 8 + n, tuple(info["shape"])
 
 
-def save_states(path: Path, states: torch.Tensor) -> None:
-    """Atomic write of a RAM cache (temp name, fsync, rename) from the tensor's own memory."""
+def save_states(path: Path, states: torch.Tensor) -> str:
+    """Atomic write of a RAM cache (temp name, fsync, rename) from the tensor's own memory;
+    returns the file's SHA-256, computed from the bytes as they are written."""
+    h = hashlib.sha256()
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
-            fh.write(_header(tuple(states.shape)))
-            fh.write(memoryview(states.contiguous().numpy()).cast("B"))
+            for part in (_header(tuple(states.shape)), memoryview(states.contiguous().numpy()).cast("B")):
+                h.update(part)
+                fh.write(part)
 
     atomic_write(path, write, fault="tensors_written")
+    return h.hexdigest()
 
 
 def load_states(path: Path) -> torch.Tensor:
@@ -82,11 +88,15 @@ class MappedStates:
 
     def __init__(self, path: Path, shape: tuple[int, ...] | None = None):
         self.path = path
-        if shape is not None:  # a new file of this shape
-            header = _header(shape)
-            with open(path, "wb") as fh:
-                fh.write(header)
-                fh.truncate(len(header) + 4 * _numel(shape))
+        if shape is not None:  # a new file of this shape, its blocks allocated now: a full disk is
+            header = _header(shape)  # an error here, not a SIGBUS when a mapped page is first written
+            try:
+                with open(path, "wb") as fh:
+                    fh.write(header)
+                    os.posix_fallocate(fh.fileno(), 0, len(header) + 4 * _numel(shape))
+            except OSError as exc:
+                path.unlink(missing_ok=True)
+                raise write_error(path, exc) from None
             offset = len(header)
         else:
             offset, shape = _data_offset_and_shape(path)
@@ -112,8 +122,8 @@ class MappedStates:
     def rewind(self) -> None:
         self._released = self.offset - self.offset % PAGE
 
-    def persist(self, path: Path) -> None:
-        """fsync this (temp) file and rename it to `path`."""
+    def persist(self, path: Path) -> str:
+        """fsync this (temp) file, rename it to `path`; returns its SHA-256."""
         try:
             self._mm.flush()
             faults.hit("tensors_written")
@@ -124,6 +134,7 @@ class MappedStates:
         os.replace(self.path, path)
         fsync_dir(path.parent)
         self.path = path
+        return file_sha256(path)
 
     def close(self) -> None:
         if self._mm is not None:
@@ -198,7 +209,7 @@ class StateCache:
 
     def take_target(self, block: int):
         """The outputs of this block become the next block's source; returns the function that
-        makes them durable as states-`block` (run by the commit, possibly in the background:
+        makes them durable as states-`block` and returns their SHA-256 (run by the commit, possibly in the background:
         in RAM mode it only reads the tensor, which must not be written until it returns). The
         previous commit must have finished: it may still be writing the source being replaced."""
         if not self.on_disk:

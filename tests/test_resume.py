@@ -13,7 +13,8 @@ import time
 import pytest
 
 from conftest import make_tiny
-from sola_stream.runstate import EXIT_INTERRUPTED, LOCK, RUN_DIR
+from sola_stream.runstate import LOCK, RUN_DIR
+from sola_stream.stop import EXIT_INTERRUPTED
 
 ARGS = ["--ratio", "0.3", "--nsamples", "6", "--seqlen", "48", "--batch-tokens", "96", "--no-progress"]
 
@@ -106,7 +107,9 @@ def test_sigterm_stops_at_safe_point_and_resumes(model4, reference, tmp_path):
     out = tmp_path / "out"
     r = cli(model4, out, crash="block_written:2:TERM")
     assert r.returncode == EXIT_INTERRUPTED, r.stderr
-    assert "resume" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    ack, stopped = r.stderr.strip().splitlines()  # the signal acknowledged at once, then the stop
+    assert ack.startswith("sola-stream: SIGTERM received") and "stopping after the current block" in ack
+    assert stopped.startswith("sola-stream: stopped:") and "resume" in stopped and "error" not in r.stderr
     manifest = json.loads((out / RUN_DIR / "manifest.json").read_text())
     # the signal arrives while block 1 commits in the background; the main thread may already be
     # computing block 2, which then finishes and commits before the stop
@@ -137,21 +140,148 @@ def test_unfinished_run_with_other_options_refused(model4, tmp_path):
     assert r.returncode == 2 and "prime_ratio" in r.stderr and "--overwrite" in r.stderr
 
 
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from sola_stream.errors import OutputError
+from sola_stream.lock import DirLock
+path, start, hold = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+time.sleep(max(0.0, start - time.time()))
+try:
+    DirLock(path, str(path.parent)).acquire()
+except OutputError as exc:
+    print("LOCKED", exc, flush=True)
+    sys.exit(3)
+print("HELD", flush=True)
+time.sleep(hold)
+"""
+
+
+def hold_lock(path, start: float, hold: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path), str(start), str(hold)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def test_lock_held_by_live_process_refuses_stale_lock_is_taken(model4, reference, tmp_path):
     out = tmp_path / "out"
     assert cli(model4, out, crash="block_committed:1").returncode == -signal.SIGKILL
-    lock = out / RUN_DIR / LOCK
-    assert not lock.exists() or json.loads(lock.read_text())["pid"]  # left by the killed process
-    import socket
-
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    lock = out / LOCK
+    assert json.loads(lock.read_text())["pid"]  # left by the killed process: stale, nobody holds it
+    holder = hold_lock(lock, 0, 60)
     try:
-        lock.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        assert holder.stdout.readline().strip() == "HELD"
         r = cli(model4, out)
-        assert r.returncode == 2 and f"pid {sleeper.pid}" in r.stderr
+        assert r.returncode == 2 and f"pid {holder.pid}" in r.stderr, r.stderr
+        r = cli(model4, out, "--overwrite")  # --overwrite never deletes under a live writer
+        assert r.returncode == 2 and f"pid {holder.pid}" in r.stderr, r.stderr
+        assert (out / RUN_DIR / "manifest.json").is_file()
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    r = cli(model4, out)  # the holder is gone: the lock is stale
+        holder.kill()
+        holder.wait()
+    r = cli(model4, out)  # the holder is gone: its lock went with it
     assert r.returncode == 0, r.stderr
+    assert hashes(out) == reference
+    assert not lock.exists()
+
+
+def test_lock_is_exclusive_when_many_processes_take_over_a_stale_lock_at_once(tmp_path):
+    lock = tmp_path / LOCK
+    lock.write_text(json.dumps({"pid": 999999, "host": "gone"}))  # a stale lock file
+    start = time.time() + 3.0  # every process past its imports, then all at once
+    procs = [hold_lock(lock, start, 4.0) for _ in range(8)]
+    results = [p.communicate(timeout=60)[0].split()[0] for p in procs]
+    assert results.count("HELD") == 1, results
+    assert results.count("LOCKED") == 7, results
+
+
+# -- integrity: what a resume trusts is verified against the manifest's checksums ---------------
+def flip_byte(path, offset: int) -> None:
+    """Change one byte in place: same size, same header."""
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        b = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([b[0] ^ 0xFF]))
+
+
+def killed_after_two_blocks(model, out):
+    r = cli(model, out, crash="block_committed:2")
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    return json.loads((out / RUN_DIR / "manifest.json").read_text())
+
+
+def one_error_line(r, *names):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("sola-stream: error:"), r.stderr
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def test_damaged_committed_shard_is_refused_on_resume(model4, tmp_path):
+    out = tmp_path / "out"
+    killed_after_two_blocks(model4, out)
+    shard = out / "model-block-00000.safetensors"
+    flip_byte(shard, shard.stat().st_size - 3)
+    one_error_line(cli(model4, out), shard.name, "damaged", "--overwrite")
+    assert not (out / "config.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_damaged_or_deleted_states_file_is_refused_on_resume(model4, tmp_path, damage):
+    out = tmp_path / "out"
+    killed_after_two_blocks(model4, out)
+    states = out / RUN_DIR / "states-00002.safetensors"
+    if damage == "flip":
+        flip_byte(states, states.stat().st_size // 2)
+    else:
+        states.unlink()
+    one_error_line(cli(model4, out), states.name, "damaged" if damage == "flip" else "missing")
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"format_version": 2, "fingerprint": {}, "blocks": "x"}', ""])
+def test_damaged_manifest_is_refused_on_resume(model4, tmp_path, content):
+    out = tmp_path / "out"
+    killed_after_two_blocks(model4, out)
+    (out / RUN_DIR / "manifest.json").write_text(content)
+    one_error_line(cli(model4, out), "manifest.json", "damaged", "--overwrite")
+    r = cli(model4, out, "--overwrite")
+    assert r.returncode == 0, r.stderr
+
+
+def test_same_size_change_inside_a_compressed_input_block_is_detected(tiny_tokenizer, tmp_path):
+    """A byte changed in the middle of block 0's weights, away from the header and the first and
+    last MiB that the cheap fingerprint reads: only the per-block input digest can see it."""
+    model = make_tiny("llama", tmp_path / "wide", tiny_tokenizer, shards=False, hidden_size=512,
+                      intermediate_size=1024, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4)
+    out = tmp_path / "out"
+    killed_after_two_blocks(model, out)
+    shard = model / "model.safetensors"
+    header_len = int.from_bytes(shard.read_bytes()[:8], "little")
+    header = json.loads(shard.read_bytes()[8:8 + header_len])
+    mids = [8 + header_len + sum(info["data_offsets"]) // 2 for name, info in header.items()
+            if name.startswith("model.layers.0.") and name.endswith("proj.weight")]
+    inside = [m for m in mids if (1 << 20) < m < shard.stat().st_size - (1 << 20)]
+    assert inside, "a change must lie outside the hashed edges"
+    offset = inside[0]
+    size = shard.stat().st_size
+    flip_byte(shard, offset)
+    assert shard.stat().st_size == size
+    one_error_line(cli(model, out), "block 0 changed", "--overwrite")
+
+
+def test_finished_output_missing_or_damaged_shard_is_not_complete(model4, reference, tmp_path):
+    out = tmp_path / "out"
+    assert cli(model4, out).returncode == 0
+    shard = out / "model-block-00001.safetensors"
+    data = shard.read_bytes()
+    shard.unlink()
+    r = cli(model4, out)
+    assert "already complete" not in r.stdout
+    one_error_line(r, shard.name, "missing")
+    shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    one_error_line(cli(model4, out), shard.name, "changed")
+    shard.write_bytes(data)
+    r = cli(model4, out)
+    assert r.returncode == 0 and "already complete" in r.stdout
     assert hashes(out) == reference

@@ -1,0 +1,91 @@
+"""Which files of an output directory this tool wrote: the `.sola-stream.json` marker.
+
+The marker is the first file a run writes into a new or empty directory and the only proof of
+ownership: a directory without it is never written to, resumed or deleted from, whatever its
+config.json says. It lists the names the run will write (`planned`) and, once the run is
+complete, each file's SHA-256 (`files`). `--overwrite` deletes only those files, and only while
+their content is what this tool wrote; anything else in the directory (notes, evaluation
+results) is left alone, and a file the user changed makes the run refuse instead.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .checkpoint import atomic_write_json, file_sha256, temp_name
+from .errors import OutputError
+
+MARKER = ".sola-stream.json"
+FORMAT = "sola-stream-output"
+FORMAT_VERSION = 1
+
+
+def read_marker(out: Path) -> dict | None:
+    """The marker of `out`, None when there is none; a damaged or foreign one is refused."""
+    path = out / MARKER
+    if not path.exists():
+        return None
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"{path}: damaged ownership marker ({exc}); delete the directory yourself if it "
+                          "is a sola-stream output you no longer need") from None
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT:
+        raise OutputError(f"{path}: not a sola-stream ownership marker")
+    if marker.get("format_version") != FORMAT_VERSION:
+        raise OutputError(f"{path}: format version {marker.get('format_version')!r} is not {FORMAT_VERSION} "
+                          "(written by another version of sola-stream)")
+    planned, files = marker.get("planned"), marker.get("files", {})
+    if (not isinstance(planned, list) or not all(_plain(n) for n in planned) or not isinstance(files, dict)
+            or not all(_plain(n) and isinstance(h, str) for n, h in files.items())):
+        raise OutputError(f"{path}: damaged ownership marker (planned/files are not lists of plain file names)")
+    return marker
+
+
+def _plain(name) -> bool:
+    """A file name directly inside the directory (a marker is data a user could edit)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name
+
+
+def write_marker(out: Path, planned: list[str], files: dict[str, str] | None = None) -> None:
+    marker = {"format": FORMAT, "format_version": FORMAT_VERSION, "complete": files is not None,
+              "planned": sorted(planned)}
+    if files is not None:
+        marker["files"] = dict(sorted(files.items()))
+    atomic_write_json(out / MARKER, marker)
+
+
+def verify_files(out: Path, files: dict[str, str], hint: str) -> None:
+    """Every file the marker lists exists with its recorded SHA-256."""
+    for name, digest in sorted(files.items()):
+        path = out / name
+        if not path.is_file():
+            raise OutputError(f"{path}: missing from a finished output; {hint}")
+        if file_sha256(path) != digest:
+            raise OutputError(f"{path}: content changed since sola-stream wrote it; {hint}")
+
+
+def remove_ours(out: Path, marker: dict) -> None:
+    """Delete what this tool wrote into `out` (see the module docstring), never anything else.
+    A complete run's files are checked against their checksums before anything is deleted."""
+    files = marker.get("files", {}) if marker.get("complete") else {}
+    names = sorted(set(marker["planned"]) | set(files))
+    hint = "move it away or delete it yourself before --overwrite"
+    for name in names:
+        path = out / name
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise OutputError(f"{path}: not a file sola-stream wrote (a link or a folder); {hint}")
+        if name in files and path.is_file() and file_sha256(path) != files[name]:
+            raise OutputError(f"{path}: changed since sola-stream wrote it; {hint}")
+    for name in names:
+        for path in (out / name, temp_name(out / name)):
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+
+
+def foreign_planned(out: Path, planned: list[str]) -> str | None:
+    """The first planned name already present in `out` (a file this run would replace)."""
+    for name in sorted(planned):
+        if (out / name).exists() or (out / name).is_symlink():
+            return name
+    return None
