@@ -1,6 +1,6 @@
 """sola_stream: training-free SoLA compression of LLMs, one decoder block at a time."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def load(path, dtype=None, device="cpu"):
