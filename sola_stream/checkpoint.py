@@ -32,6 +32,7 @@ EXTRA_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.jso
                "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json",
                "chat_template.jinja", "chat_template.json", "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE",
                "README.md", "USE_POLICY.md")
+_TORCH_DTYPE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 MAX_JSON_BYTES = 64 << 20  # config.json / index.json larger than this are refused, not parsed
 MAX_EXTRA_BYTES = 1 << 30  # a tokenizer file larger than this is not a tokenizer file
 # bytes per element of the dtypes a checkpoint may hold (safetensors names); others are refused
@@ -102,6 +103,7 @@ class CheckpointReader:
             raise InputError(f"{config_file}: missing config.json")
         self.config_dict = read_json_object(config_file, "config.json")
         self._handles: dict[str, object] = {}
+        self._layouts: dict[str, dict] = {}
         self.weight_map = self._weight_map()
         self._check_dtypes()
 
@@ -185,6 +187,38 @@ class CheckpointReader:
         out = {n[len(prefix):]: self.get(n) for n in self.names(prefix)}
         self._handles.clear()
         return out
+
+    def _layout(self, shard: str) -> dict:
+        """name -> (dtype, shape, start, end) with absolute byte offsets, from the shard's header
+        (already validated by safe_open when the reader opened it)."""
+        if shard not in self._layouts:
+            with open(self.path / shard, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            self._layouts[shard] = {k: (v["dtype"], tuple(v["shape"]), 8 + n + v["data_offsets"][0],
+                                        8 + n + v["data_offsets"][1])
+                                    for k, v in header.items() if k != "__metadata__"}
+        return self._layouts[shard]
+
+    def digest(self, prefix: str, names: list[str] | None = None) -> str:
+        """tensors_digest(self.tensors(prefix)) (or of `names`, relative to `prefix`), computed from
+        the files' bytes in chunks: no tensor copies, so resume verification can run on several
+        threads in bounded memory."""
+        h = hashlib.sha256()
+        for name in sorted(self.names(prefix) if names is None else names):
+            shard = self.weight_map[name]
+            dtype, shape, start, end = self._layout(shard)[name]
+            h.update(f"{name[len(prefix):]}|{_TORCH_DTYPE[dtype]}|{shape}\n".encode())
+            with open(self.path / shard, "rb") as fh:
+                fh.seek(start)
+                left = end - start
+                while left > 0:
+                    chunk = fh.read(min(left, 8 << 20))
+                    if not chunk:
+                        raise InputError(f"{self.path / shard}: truncated while reading tensor {name!r}")
+                    h.update(chunk)
+                    left -= len(chunk)
+        return h.hexdigest()
 
     def extra_files(self) -> list[Path]:
         """The known non-weight files (EXTRA_FILES) present, each a regular file that resolves inside

@@ -126,6 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sola-stream: interrupted; finished blocks are kept, run the same command to resume", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:  # out of memory is a budget to set, not a bug
+        if type(exc).__name__ == "OutOfMemoryError":
+            what = "GPU memory; set --max-gpu-memory below what is free or lower --batch-tokens"
+        elif isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):
+            what = ("host memory; set --max-host-memory below what is free (the calibration cache then spills "
+                    "to disk) or lower --batch-tokens")
+        else:
+            raise
+        print(f"sola-stream: error: out of {what}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # output piped into `head` and the like: not an error
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 from . import __version__, faults, output
 from .calibration import (DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN, TOKENIZE_PIECE_CHARS, calibration_windows,
                           read_calibration_text, text_hash, tokenize)
-from .checkpoint import CheckpointReader, tensors_digest
+from .checkpoint import CheckpointReader
 from .compress import METHODS, BlockResult, compress_block
 from .cpus import set_threads
 from .errors import InputError, OutputError
@@ -149,7 +149,7 @@ def check_paths(model_dir: Path, out_dir: Path) -> None:
 
 
 def outer_digest(reader: CheckpointReader, layers_prefix: str) -> str:
-    return tensors_digest({n: reader.get(n) for n in reader.names() if not n.startswith(layers_prefix)})
+    return reader.digest("", [n for n in reader.names() if not n.startswith(layers_prefix)])
 
 
 def compress(model: str, out: str, options: CompressOptions, progress: bool = True,
@@ -189,7 +189,7 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
         start = run.next_block
         if start:
             verify = tqdm(total=start, desc="verify", unit="block", disable=not progress)
-            run.verify(outer, lambda i: tensors_digest(reader.tensors(adapter.block_prefix(i))), verify.update)
+            run.verify(outer, lambda i: reader.digest(adapter.block_prefix(i)), torch.get_num_threads(), verify.update)
             verify.close()
         run.cleanup_orphans()
         cache = StateCache(run.dir, on_disk=plan.spill)
@@ -233,9 +233,7 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
             commits.wait(quiet=True)  # a commit in flight completes before the lock is released
             cache.close()
         sola = _sola_section(options, calib_desc, run.manifest, reader, adapter, fp)
-        output.finish(out_dir, reader, n, layers_prefix, sola)
-        faults.hit("config_written")
-        run.complete()
+        run.complete("config.json", output.finish(out_dir, reader, n, layers_prefix, sola))
     return _summary(out_dir, start=start, final_states=final, **summary)
 
 

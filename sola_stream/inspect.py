@@ -4,23 +4,40 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+from accelerate import init_empty_weights
+from transformers import AutoModelForCausalLM
+
 from .arch import adapter_for
-from .checkpoint import read_json_object
+from .checkpoint import CheckpointReader, read_json_object
 from .errors import InputError
-from .inputs import check_config
+from .modules import check_layer_shapes
 from .section import check_sola_section
+from .skeleton import load_config
 
 
 def summary_dict(path: str) -> dict:
+    """The `sola` section, checked against the stored tensors' shapes (read from shard headers)."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise InputError(f"{config_file}: missing (not a finished sola_stream output)")
     config = read_json_object(config_file, "config.json")
     if "sola" not in config:
         raise InputError(f"{config_file}: no 'sola' section (not a sola_stream output)")
+    reader = CheckpointReader(path)
     adapter = adapter_for(SimpleNamespace(model_type=config.get("model_type")), str(config_file))
-    check_config(config, str(config_file))
+    model_config = load_config(reader)
     sola = check_sola_section(config["sola"], config["num_hidden_layers"], adapter.linears, str(config_file))
+    with init_empty_weights(include_buffers=False):
+        layers = AutoModelForCausalLM.from_config(model_config).get_submodule(adapter.layers_path)
+    for i, block in enumerate(sola["blocks"]):
+        prefix = adapter.block_prefix(i)
+        for name, spec in block["layers"].items():
+            meta = layers[i].get_submodule(name)
+            stored = {n[len(prefix + name) + 1:]: reader.shape(n) for n in reader.names(prefix + name + ".")}
+            try:
+                check_layer_shapes(spec, meta.out_features, meta.in_features, stored, prefix + name + ".")
+            except ValueError as exc:
+                raise InputError(f"{path}: block {i}: {exc}") from None
     return {
         "path": str(path),
         "method": sola["method"],

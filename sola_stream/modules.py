@@ -96,6 +96,17 @@ def weight_shapes(spec: dict, m: int, n: int) -> dict[str, tuple[int, int]]:
     return {"prime.weight": (m, prime), **part("marginal.", m, n - prime)}
 
 
+def check_layer_shapes(spec: dict, m: int, n: int, stored: dict[str, tuple[int, ...]], prefix: str) -> None:
+    """The stored weight tensors of a layer (names relative to it) match its spec and its
+    original m x n shape; ValueError naming the tensor otherwise."""
+    for key, shape in weight_shapes(spec, m, n).items():
+        if key not in stored:
+            raise ValueError(f"tensor {prefix + key!r} missing (layer spec {spec})")
+        if tuple(stored[key]) != shape:
+            raise ValueError(f"tensor {prefix + key!r} has shape {tuple(stored[key])}, its layer spec {spec} "
+                             f"implies {shape}")
+
+
 def build_block(meta_block: nn.Module, tensors: dict[str, torch.Tensor], layer_specs: dict | None,
                 device: torch.device | str, dtype: torch.dtype) -> nn.Module:
     """A ready block from an empty (meta) one, its tensors (names relative to the block) and,
@@ -109,12 +120,8 @@ def build_block(meta_block: nn.Module, tensors: dict[str, torch.Tensor], layer_s
         prefix = name + "."
         own = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
         meta = block.get_submodule(name)
-        for key, shape in weight_shapes(spec, meta.out_features, meta.in_features).items():
-            if key not in own:
-                raise ValueError(f"tensor {prefix + key!r} missing (layer spec {spec})")
-            if tuple(own[key].shape) != shape:
-                raise ValueError(f"tensor {prefix + key!r} has shape {tuple(own[key].shape)}, its layer spec "
-                                 f"{spec} implies {shape}")
+        check_layer_shapes(spec, meta.out_features, meta.in_features, {k: tuple(v.shape) for k, v in own.items()},
+                           prefix)
         block.set_submodule(name, layer_from_tensors(spec, own))
     try:
         block.load_state_dict(tensors, strict=False, assign=True)

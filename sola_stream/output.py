@@ -4,16 +4,17 @@ Layout: `model-block-NNNNN.safetensors` per decoder block, `model-outer.safetens
 tensors outside the blocks (embeddings, final norm, untied head), `model.safetensors.index.json`,
 `config.json` (the input's, plus a `sola` section) and the input's known non-weight files
 (tokenizer, generation config, chat template, license, readme; checkpoint.EXTRA_FILES).
-config.json is written last: a directory without it is not a finished model.
+config.json is written last, after every other file and the ownership marker's checksums: a
+directory without it is not a finished model, and one with it is complete.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from safetensors import safe_open
 
-from .checkpoint import (INDEX_NAME, CheckpointReader, atomic_copy, atomic_save_tensors, atomic_write_json,
-                         file_sha256, write_index)
+from .checkpoint import INDEX_NAME, CheckpointReader, atomic_copy, atomic_save_tensors, file_sha256, write_index
 
 OUTER_SHARD = "model-outer.safetensors"
 
@@ -45,8 +46,9 @@ def model_params(reader: CheckpointReader) -> int:
     return total
 
 
-def finish(out_dir: Path, reader: CheckpointReader, num_blocks: int, layers_prefix: str, sola: dict) -> None:
-    """Everything after the last block: outer shard, index, extra files, then config.json."""
+def finish(out_dir: Path, reader: CheckpointReader, num_blocks: int, layers_prefix: str, sola: dict) -> bytes:
+    """Everything after the last block but config.json: outer shard, index, extra files. Returns
+    config.json's content, which the caller writes last (after the ownership marker is final)."""
     outer = {n: reader.get(n) for n in reader.weight_map if not n.startswith(layers_prefix)}
     atomic_save_tensors(out_dir / OUTER_SHARD, outer)
     weight_map = {n: OUTER_SHARD for n in outer}
@@ -58,4 +60,4 @@ def finish(out_dir: Path, reader: CheckpointReader, num_blocks: int, layers_pref
         atomic_copy(src, out_dir / src.name)
     config = dict(reader.config_dict)
     config["sola"] = sola
-    atomic_write_json(out_dir / "config.json", config)
+    return (json.dumps(config, indent=2) + "\n").encode()

@@ -12,7 +12,6 @@ The chunk size (batch tokens) is the largest power of two that fits the device b
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 
@@ -21,7 +20,9 @@ from pathlib import Path
 import psutil
 import torch
 
+from .checkpoint import read_json_object
 from .errors import InputError
+from .inputs import check_config
 
 GIB = 2**30
 RUNTIME_HOST = int(0.5 * GIB)  # torch, transformers, tokenizer, skeleton: measured 0.42 GiB peak on a tiny model
@@ -125,10 +126,9 @@ def read_config(model: str) -> dict:
             path = Path(hf_hub_download(model, "config.json"))
         except Exception as exc:
             raise InputError(f"{model}: cannot fetch config.json from the hub ({type(exc).__name__})") from None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    cfg = read_json_object(path, "config.json")
+    check_config(cfg, str(path))
+    return cfg
 
 
 def _g(n: int | None) -> str:

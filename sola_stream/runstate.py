@@ -17,10 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import __version__
-from .checkpoint import CheckpointReader, atomic_write_json, file_sha256, fsync_dir
+from . import __version__, faults
+from .checkpoint import CheckpointReader, atomic_write_bytes, atomic_write_json, file_sha256, fsync_dir
 from .errors import OutputError
 from .lock import DirLock
 from .ownership import MARKER, foreign_planned, read_marker, remove_ours, verify_files, write_marker
@@ -159,9 +160,11 @@ class RunDir:
                               f"({diff}); run the same command to resume, or --overwrite to start over")
         return m
 
-    def verify(self, outer_digest: str, block_digest, progress=None) -> None:
+    def verify(self, outer_digest: str, block_digest, workers: int = 1, progress=None) -> None:
         """Before resuming: the outer input tensors, the states file, and each committed block's
-        shard and input tensors are exactly what the manifest recorded."""
+        shard and input tensors (`block_digest(i)`) are exactly what the manifest recorded.
+        Blocks are hashed on `workers` threads (hashlib releases the GIL); errors are reported in
+        block order."""
         m = self.manifest
         if m["outer_sha256"] is not None and m["outer_sha256"] != outer_digest:
             raise OutputError(f"{self.out_dir}: the input model's embeddings/head changed since this run started; "
@@ -172,17 +175,23 @@ class RunDir:
                 raise OutputError(f"{path}: calibration states of the unfinished run are missing; {_REDO}")
             if file_sha256(path) != m["states"]["sha256"]:
                 raise OutputError(f"{path}: calibration states damaged (checksum differs from the manifest); {_REDO}")
-        for entry in m["blocks"]:
+
+        def check(entry: dict) -> str | None:
             shard = self.out_dir / entry["shard"]
             if not shard.is_file():
-                raise OutputError(f"{shard}: committed block shard is missing; {_REDO}")
+                return f"{shard}: committed block shard is missing; {_REDO}"
             if file_sha256(shard) != entry["shard_sha256"]:
-                raise OutputError(f"{shard}: damaged (checksum differs from the manifest); {_REDO}")
+                return f"{shard}: damaged (checksum differs from the manifest); {_REDO}"
             if block_digest(entry["block"]) != entry["input_sha256"]:
-                raise OutputError(f"{self.out_dir}: the input model's block {entry['block']} changed since it was "
-                                  f"compressed; {_REDO}")
-            if progress is not None:
-                progress()
+                return f"{self.out_dir}: the input model's block {entry['block']} changed since it was compressed; {_REDO}"
+            return None
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for problem in pool.map(check, m["blocks"]):
+                if problem:
+                    raise OutputError(problem)
+                if progress is not None:
+                    progress()
 
     # -- progress ------------------------------------------------------------------------------
     @property
@@ -218,14 +227,18 @@ class RunDir:
         for p in [*self.dir.glob(".*.tmp"), *self.out_dir.glob(".*.tmp")]:
             p.unlink()
 
-    def complete(self) -> None:
-        """config.json is written: record every output file's checksum in the marker (the output
-        is now final), then drop the run state."""
+    def complete(self, last_name: str, last_data: bytes) -> None:
+        """Finish the output: record every file's checksum in the marker, write the last file
+        (config.json, the one that makes the directory a model), then drop the run state. A
+        failure before the last rename leaves an unfinished run that the same command completes."""
         files = {e["shard"]: e["shard_sha256"] for e in self.manifest["blocks"]}
         for name in self.planned:
-            if name not in files and (self.out_dir / name).is_file():
+            if name not in files and name != last_name and (self.out_dir / name).is_file():
                 files[name] = file_sha256(self.out_dir / name)
+        files[last_name] = hashlib.sha256(last_data).hexdigest()
         write_marker(self.out_dir, self.planned, files)
+        atomic_write_bytes(self.out_dir / last_name, last_data)
+        faults.hit("config_written")
         shutil.rmtree(self.dir)
         self.release()
         fsync_dir(self.out_dir)

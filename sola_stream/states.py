@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import faults
-from .checkpoint import FILE_MODE, atomic_write, file_sha256, fsync_dir, write_error
+from .checkpoint import FILE_MODE, atomic_write, file_sha256, fsync_dir, temp_name, write_error
 from .errors import OutputError
 
 PAGE = mmap.PAGESIZE
@@ -84,10 +84,13 @@ def load_states(path: Path) -> torch.Tensor:
 
 
 class MappedStates:
-    """A states file mapped into memory; `release` drops the pages of finished windows."""
+    """A states file mapped into memory; `release` drops the pages of finished windows.
 
-    def __init__(self, path: Path, shape: tuple[int, ...] | None = None):
-        self.path = path
+    With `shape`, a new file under a temp name that `persist` renames to `final` (errors name
+    the final file); `close` deletes it if it was never persisted (an error path)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...] | None = None, final: Path | None = None):
+        self.path, self.final = path, final
         if shape is not None:  # a new file of this shape, its blocks allocated now: a full disk is
             header = _header(shape)  # an error here, not a SIGBUS when a mapped page is first written
             try:
@@ -96,7 +99,7 @@ class MappedStates:
                     os.posix_fallocate(fh.fileno(), 0, len(header) + 4 * _numel(shape))
             except OSError as exc:
                 path.unlink(missing_ok=True)
-                raise write_error(path, exc) from None
+                raise write_error(final or path, exc) from None
             offset = len(header)
         else:
             offset, shape = _data_offset_and_shape(path)
@@ -133,7 +136,7 @@ class MappedStates:
             raise write_error(path, exc) from None
         os.replace(self.path, path)
         fsync_dir(path.parent)
-        self.path = path
+        self.path, self.final = path, None
         return file_sha256(path)
 
     def close(self) -> None:
@@ -142,6 +145,8 @@ class MappedStates:
             self._mm.close()
             self._fh.close()
             self._mm = None
+        if self.final is not None:  # never persisted: a temp file as large as the cache
+            self.path.unlink(missing_ok=True)
 
 
 def _numel(shape) -> int:
@@ -173,7 +178,7 @@ class StateCache:
         if not self.on_disk:
             self._ram = torch.empty(shape, dtype=torch.float32)
             return self._ram
-        self._dst = MappedStates(self.dir / f".{self.path(block).name}.tmp", shape)
+        self._dst = MappedStates(temp_name(self.path(block)), shape, final=self.path(block))
         return self._dst.tensor
 
     def open(self, block: int) -> None:
@@ -192,7 +197,7 @@ class StateCache:
         if not self.on_disk:
             return self._ram
         if self._dst is None:
-            self._dst = MappedStates(self.dir / f".{self.path(block + 1).name}.tmp", self._src.shape)
+            self._dst = MappedStates(temp_name(self.path(block + 1)), self._src.shape, final=self.path(block + 1))
         self.begin_pass()
         return self._dst.tensor
 

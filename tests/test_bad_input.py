@@ -3,16 +3,18 @@ tensor or option, exit code 2, the input left untouched and no output that looks
 (no config.json)."""
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
+import resource
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
-import sola_stream.checkpoint
 from sola_stream.checkpoint import INDEX_NAME
 from sola_stream.cli import main
 
@@ -251,38 +253,36 @@ def test_nonfinite_statistics_inside_a_block(model, tmp_path, compress):
 
 
 # -- 9. disk full while writing ----------------------------------------------------------------
-def _fail_second_save(monkeypatch) -> list[Path]:
-    """Make sola_stream.checkpoint.save_file raise ENOSPC on its 2nd call; returns the paths it saw."""
-    real = sola_stream.checkpoint.save_file
-    seen: list[Path] = []
+def cli_limited(model_dir, out_dir, calib, *extra, fsize: int | None = None, crash: str | None = None):
+    """`sola-stream compress` in a child process whose files may not grow past `fsize` bytes
+    (RLIMIT_FSIZE, with SIGXFSZ ignored so that the write fails with EFBIG, as a full disk fails a
+    write with ENOSPC; no root needed), or killed at a named crash point."""
+    def limit():
+        if fsize is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
-    def fake(tensors, filename, *args, **kwargs):
-        seen.append(Path(filename))
-        if len(seen) == 2:
-            Path(filename).write_bytes(b"partial")  # as a real full disk would leave it
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(tensors, filename, *args, **kwargs)
-
-    monkeypatch.setattr(sola_stream.checkpoint, "save_file", fake)
-    return seen
+    env = {k: v for k, v in os.environ.items() if k != "SOLA_STREAM_CRASH_AT"}
+    if crash:
+        env["SOLA_STREAM_CRASH_AT"] = crash
+    return subprocess.run([sys.executable, "-m", "sola_stream", "compress", str(model_dir), str(out_dir), *FAST,
+                           "--calib", str(calib), *map(str, extra)], env=env, preexec_fn=limit,
+                          capture_output=True, text=True, timeout=600)
 
 
-def test_disk_full_then_resume(model, tmp_path, compress, monkeypatch):
+def test_disk_full_then_resume(model, tmp_path, small_calib):
+    """The first block shard (~100 kB) does not fit under a 60 kB file-size limit; the states file
+    (~36 kB) does. Then the limit is lifted and the same command resumes."""
     before = snapshot(model)
     out = tmp_path / "out"
-    with monkeypatch.context() as m:
-        seen = _fail_second_save(m)
-        code, _, err = compress(model, out)
-    assert len(seen) == 2, f"save_file called {len(seen)} times"
-    failed = seen[1]  # the temp name of the file being written
-    final_name = failed.name[1:-len(".tmp")] if failed.name.startswith(".") and failed.name.endswith(".tmp") \
-        else failed.name
-    line = assert_refused(code, err, before, (model,), out, final_name)
+    r = cli_limited(model, out, small_calib, fsize=60_000)
+    line = assert_refused(r.returncode, r.stderr, before, (model,), out, "model-block-00000.safetensors")
     assert "disk full" in line.lower(), line
     assert not list(out.rglob("*.tmp")), "temporary files left in the output"
+    assert (out / ".sola-run" / "states-00000.safetensors").is_file()  # the committed start survives
 
-    code, stdout, err = compress(model, out)
-    assert code == 0, err
+    r = cli_limited(model, out, small_calib)
+    assert r.returncode == 0, r.stderr
     assert (out / "config.json").is_file()
     assert not (out / ".sola-run").exists()
     assert not list(out.rglob("*.tmp"))
@@ -336,14 +336,13 @@ def test_finished_run_other_options(model, tmp_path, compress):
     assert snapshot(model) == {k: v for k, v in before.items() if k.startswith(str(model) + os.sep)}
 
 
-def test_unfinished_run_other_options(model, tmp_path, compress, monkeypatch):
-    out = tmp_path / "out"
-    with monkeypatch.context() as m:  # leave an unfinished run at ratio 0.2 (disk full at block 0)
-        _fail_second_save(m)
-        code, _, err = compress(model, out, "--ratio", "0.2")
-    assert code == 2, err
+def test_unfinished_run_other_options(model, tmp_path, compress, small_calib):
+    out = tmp_path / "out"  # an unfinished run at ratio 0.2: killed after block 0 committed
+    r = cli_limited(model, out, small_calib, "--ratio", "0.2", crash="block_committed:1")
+    assert r.returncode == -signal.SIGKILL, r.stderr
     assert (out / ".sola-run").is_dir() and not (out / "config.json").exists()
     before = snapshot(model, out)
+    before.pop(str(out / ".sola-stream.lock"))  # the killed run's lock file: nobody holds it, removed on release
 
     code, _, err = compress(model, out, "--ratio", "0.3")
     line = assert_refused(code, err, before, (model, out), out, str(out), "--overwrite")

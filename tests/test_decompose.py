@@ -138,3 +138,18 @@ def test_max_useful_rank_is_the_largest_saving_rank():
     for m, n in PAIRS:
         k = max_useful_rank(m, n)
         assert k >= 0 and k * (m + n) < m * n and (k + 1) * (m + n) >= m * n, (m, n, k)
+
+
+def test_block_digest_from_file_bytes_equals_digest_of_loaded_tensors(tmp_path, tiny_tokenizer):
+    """The resume check hashes input blocks straight from the shards; the compress step hashes the
+    tensors it loaded. Both must give the same digest, for every block and the outer tensors."""
+    from conftest import make_tiny
+    from sola_stream.checkpoint import CheckpointReader, tensors_digest
+
+    reader = CheckpointReader(make_tiny("qwen2", tmp_path / "m", tiny_tokenizer, shards=True))
+    for i in range(3):
+        prefix = f"model.layers.{i}."
+        assert reader.digest(prefix) == tensors_digest(reader.tensors(prefix))
+    outer = [n for n in reader.names() if not n.startswith("model.layers.")]
+    assert reader.digest("", outer) == tensors_digest({n: reader.get(n) for n in outer})
+    assert reader.digest("model.layers.0.") != reader.digest("model.layers.1.")
