@@ -6,6 +6,7 @@ masks are run by the family's own transformers classes (see skeleton.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from .errors import InputError
 
@@ -39,6 +40,21 @@ ADAPTERS: dict[str, Adapter] = {
     "qwen2": Adapter(family="qwen2"),
     "qwen3": Adapter(family="qwen3"),
 }
+
+
+OUTPUT_PREFIX = "sola_"  # model_type of an output: "sola_" + the family's (see modeling_sola.py)
+
+
+def base_model_type(cfg: dict):
+    """The family of a config.json: an output's "sola_llama" is "llama"."""
+    model_type = cfg.get("model_type")
+    if isinstance(model_type, str) and model_type.startswith(OUTPUT_PREFIX) and "sola" in cfg:
+        return model_type[len(OUTPUT_PREFIX):]
+    return model_type
+
+
+def adapter_for_dict(cfg: dict, where: str = "config.json") -> Adapter:
+    return adapter_for(SimpleNamespace(model_type=base_model_type(cfg)), where)
 
 
 def adapter_for(config, where: str = "config.json") -> Adapter:

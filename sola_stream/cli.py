@@ -18,6 +18,16 @@ EPILOG = """exit codes: 0 done; 1 unexpected error (bug: please report with the 
 130 stopped at once by a second signal (the last finished block still resumes)."""
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default shown once: appended only where the help text does not already state it and
+    there is a value to show."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes are one line too, like every other error (exit 2)."""
 
@@ -37,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress a checkpoint into a new directory",
                        description="Compress MODEL (checkpoint directory or hub id) into OUTPUT. Run the "
                        "same command again to resume an interrupted run.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     c.add_argument("model", help="Hugging Face checkpoint directory (safetensors) or hub id")
     c.add_argument("output", help="output directory (must be new or empty)")
     _run_options(c)
@@ -48,14 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="predict memory, disk and time of a compress run (reads config.json only)",
                         description="Dry run: predict peak GPU memory, peak host memory, disk use and time per "
                         "block for these options, from MODEL's config.json alone. Exits 2 when the budgets "
-                        "cannot be met.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        "cannot be met.", formatter_class=_Help)
     pl.add_argument("model", help="checkpoint directory, config.json file or hub id")
     _run_options(pl)
     pl.add_argument("--no-measure", action="store_true", help="skip the matmul benchmark behind the time estimate")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
 
-    e = sub.add_parser("eval", help="WikiText-2 style perplexity, streamed block by block",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e = sub.add_parser("eval", help="perplexity of a dense checkpoint or an output, streamed block by block",
+                       description="Perplexity of MODEL (a dense checkpoint or a sola_stream output) on "
+                       "non-overlapping windows of a text (default: the WikiText-2 test split shipped with "
+                       "the package), computed layer by layer: all windows through block 0, then block 1, "
+                       "... with one block in memory at a time, so a model larger than the device is scored "
+                       "too.", formatter_class=_Help)
     e.add_argument("model", help="dense checkpoint or sola_stream output directory")
     e.add_argument("--text", default=None, help="evaluation text file, UTF-8 (default: the shipped WikiText-2 "
                    "test split)")
@@ -65,10 +79,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-tokens", type=int, default=None, help="tokens per forward chunk (default: CPU 1024, GPU 16384)")
     e.add_argument("--threads", type=int, default=None, help="CPU threads (default: what CPU affinity, cgroup "
                    "quota and SLURM_CPUS_PER_TASK allow)")
+    e.add_argument("--tasks", default=None, metavar="T1,T2,...",
+                   help="score zero-shot multiple-choice tasks instead of perplexity: piqa, arc_easy, "
+                        "arc_challenge, hellaswag, winogrande, boolq, openbookqa, or all (lm-eval's prompts, "
+                        "acc and acc_norm)")
+    e.add_argument("--data", default=None, help="folder holding the tasks' JSON-lines files (required with --tasks)")
+    e.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
+    e.add_argument("--max-host-memory", type=float, default=None, metavar="GIB",
+                   help="host RAM budget for the zero-shot states (default: available RAM); beyond half of "
+                        "it they go to memory-mapped temporary files")
     e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    i = sub.add_parser("inspect", help="show method, ratios and ranks of a compressed directory")
+    lt = sub.add_parser("lmeval-tasks", help="write lm-evaluation-harness task configs for local zero-shot data",
+                        description="Write into OUT the YAML task configs (<task>_local) for the seven zero-shot "
+                        "sets read from the JSON-lines files in DATA, for `lm_eval --include_path OUT`.")
+    lt.add_argument("data", help="folder holding the tasks' JSON-lines files")
+    lt.add_argument("out", help="folder to write the task configs into")
+
+    u = sub.add_parser("upgrade", help="make an output written by version 0.1 loadable by transformers alone",
+                       description="Write modeling_sola.py into OUTPUT and point config.json's auto_map at it, "
+                       "so that AutoModelForCausalLM.from_pretrained(OUTPUT, trust_remote_code=True) works; "
+                       "tensors are not touched. Outputs of version 0.2 and later need nothing.")
+    u.add_argument("output", help="sola_stream output directory")
+
+    i = sub.add_parser("inspect", help="show method, ratios and ranks of a compressed directory",
+                       description="Method, target and achieved ratios, and per block the rank (+ prime "
+                       "neurons) of every layer of a sola_stream output, checked against the stored "
+                       "tensors' shapes. Reads config.json and the shard headers only.")
     i.add_argument("output", help="sola_stream output directory")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     return p
@@ -76,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--ratio", type=float, default=0.2,
-                   help="fraction of decoder-block linear weight parameters to remove")
+                   help="fraction of parameters to remove (of the block linear weights, or of the whole "
+                        "model with --ratio-of model)")
+    c.add_argument("--ratio-of", default="blocks", choices=["blocks", "model"],
+                   help="what --ratio counts: the decoder blocks' linear weights (the papers' definition) or "
+                        "all parameters of the model (embeddings and head are kept, so the blocks lose more)")
     c.add_argument("--method", default="sola", choices=["sola", "svd-llm", "svd"],
                    help="sola: prime neurons + whitened SVD + adaptive ranks; svd-llm: whitened SVD, "
                         "uniform ranks; svd: plain truncated SVD, uniform ranks")
@@ -104,7 +146,8 @@ def _run_options(c: argparse.ArgumentParser) -> None:
 def _options(args):
     from .engine import CompressOptions
 
-    return CompressOptions(method=args.method, ratio=args.ratio, prime_ratio=args.prime_ratio, calib=args.calib,
+    return CompressOptions(method=args.method, ratio=args.ratio, ratio_of=args.ratio_of,
+                           prime_ratio=args.prime_ratio, calib=args.calib,
                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
                            propagate=args.propagate, batch_tokens=args.batch_tokens,
                            max_gpu_memory=args.max_gpu_memory, max_host_memory=args.max_host_memory,
@@ -112,11 +155,26 @@ def _options(args):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not as a warning at interpreter exit
+        return code
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors: flush while a pipe error can be handled
+        sys.stdout.flush()
+        raise exc
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"compress": _compress, "plan": _plan, "eval": _eval, "inspect": _inspect}[args.command](args)
+        return {"compress": _compress, "plan": _plan, "eval": _eval, "inspect": _inspect,
+                "upgrade": _upgrade, "lmeval-tasks": _lmeval_tasks}[args.command](args)
     except Interrupted as exc:  # a graceful stop is not an error
         print(f"sola-stream: stopped: {' '.join(str(exc).split())}", file=sys.stderr)
         return exc.exit_code
@@ -136,10 +194,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sola-stream: error: out of {what}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # output piped into `head` and the like: not an error
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
 
 
 def _compress(args) -> int:
@@ -147,13 +201,16 @@ def _compress(args) -> int:
     from .memory import PeakMemory, gib
 
     opts = _options(args)
-    with PeakMemory() as mem:
+    with PeakMemory() as mem:  # the whole call (tokenization included); GPU peaks come from the engine
         s = compress(args.model, args.output, opts, progress=not args.no_progress, overwrite=args.overwrite)
-    alloc, reserved = PeakMemory.peak_gpu()
     resumed = f" (resumed at block {s.resumed_at})" if s.resumed_at else ""
     print(f"\nsola-stream compress: done in {s.seconds:.1f} s on {s.device}{resumed}")
     print(f"  method          {s.method} (prime ratio {opts.prime_ratio if s.method == 'sola' else 0})")
-    print(f"  target ratio    {s.target_ratio:.4f} of block linear weights")
+    if opts.ratio_of == "model":
+        print(f"  target ratio    {opts.ratio:.4f} of all model parameters ({s.target_ratio:.4f} of block "
+              "linear weights)")
+    else:
+        print(f"  target ratio    {s.target_ratio:.4f} of block linear weights")
     print(f"  achieved ratio  {s.achieved_ratio_blocks:.4f} of block linear weights, "
           f"{s.achieved_ratio_model:.4f} of all model parameters")
     done = s.blocks - s.resumed_at
@@ -162,8 +219,8 @@ def _compress(args) -> int:
     print(f"  threads         {s.threads}")
     print(f"  calibration     {opts.nsamples} x {opts.seqlen} tokens, cache "
           f"{'spilled to disk' if s.states_on_disk else 'in RAM'}")
-    print(f"  peak memory     host RSS {gib(mem.peak_rss)}" +
-          (f", GPU allocated {gib(alloc)} / reserved {gib(reserved)}" if alloc else ""))
+    print(f"  peak memory     host RSS {gib(max(mem.peak_rss, s.peak_rss))}" +
+          (f", GPU allocated {gib(s.peak_gpu)}" if s.peak_gpu else ""))
     print(f"  output          {s.output}")
     return 0
 
@@ -188,29 +245,57 @@ def torch_cuda() -> bool:
 
 
 def _eval(args) -> int:
-    from .calibration import default_eval_path
-    from .cpus import set_threads
-    from .engine import CompressOptions
-    from .errors import InputError
-    from .evaluate import perplexity
+    if args.tasks is not None:
+        return _zero_shot(args)
+    from .perplexity import perplexity
 
-    if args.seqlen < 2:
-        raise InputError(f"--seqlen: {args.seqlen} is too short (at least 2 tokens: one predicts the next)")
-    if args.max_windows is not None and args.max_windows < 1:
-        raise InputError(f"--max-windows: {args.max_windows} is not positive")
-    if args.batch_tokens is not None and args.batch_tokens < 1:
-        raise InputError(f"--batch-tokens: {args.batch_tokens} is not positive")
-    text = args.text or str(default_eval_path())
-    device = CompressOptions(device=args.device, threads=args.threads)
-    device.validate()
-    set_threads(args.threads)
-    r = perplexity(args.model, text, seqlen=args.seqlen, max_windows=args.max_windows,
-                   device=device.resolved_device(), batch_tokens=args.batch_tokens, progress=not args.no_progress)
+    r = perplexity(args.model, args.text, seqlen=args.seqlen, max_windows=args.max_windows, device=args.device,
+                   batch_tokens=args.batch_tokens, progress=not args.no_progress, threads=args.threads)
     print(f"perplexity {r.ppl:.4f} over {r.windows} windows x {r.seqlen} tokens ({r.tokens} predicted) "
           f"of {r.text} in {r.seconds:.1f} s")
     if args.json:
         print(json.dumps({"ppl": r.ppl, "nll": r.nll, "windows": r.windows, "seqlen": r.seqlen,
                           "tokens": r.tokens, "text": r.text, "model": args.model}))
+    return 0
+
+
+def _zero_shot(args) -> int:
+    from .errors import InputError
+    from .tasks import parse_tasks
+    from .zeroshot import zero_shot
+
+    tasks = parse_tasks(args.tasks)
+    if not args.data:
+        raise InputError("--data: the folder with the tasks' JSON-lines files is required with --tasks")
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit: {args.limit} is not positive")
+    if args.max_host_memory is not None and not args.max_host_memory > 0:
+        raise InputError(f"--max-host-memory: {args.max_host_memory} GiB is not a positive number")
+    r = zero_shot(args.model, tasks, args.data, limit=args.limit, device=args.device, batch_tokens=args.batch_tokens,
+                  max_host_memory=args.max_host_memory, threads=args.threads, progress=not args.no_progress)
+    print(f"{'task':<15} {'acc':>7} {'acc_norm':>9} {'n':>6}")
+    for name, t in r.tasks.items():
+        print(f"{name:<15} {t.acc:>7.4f} {t.acc_norm:>9.4f} {t.n:>6}")
+    print(f"{'mean':<15} {r.mean_acc:>7.4f} {r.mean_acc_norm:>9.4f}   ({r.requests} requests, {r.tokens} tokens, "
+          f"{r.seconds:.1f} s{', states spilled to disk' if r.spilled else ''})")
+    if args.json:
+        print(json.dumps({**r.as_dict(), "model": args.model, "limit": args.limit}))
+    return 0
+
+
+def _lmeval_tasks(args) -> int:
+    from .lmeval_tasks import write_tasks
+
+    names = write_tasks(args.data, args.out)
+    print(f"wrote {len(names)} task configs to {args.out}: lm_eval --model hf --model_args "
+          f"pretrained=OUTPUT,trust_remote_code=True --include_path {args.out} --tasks {','.join(names)}")
+    return 0
+
+
+def _upgrade(args) -> int:
+    from .upgrade import upgrade
+
+    print(upgrade(args.output))
     return 0
 
 

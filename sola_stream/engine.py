@@ -20,13 +20,14 @@ from . import __version__, faults, output
 from .calibration import (DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN, TOKENIZE_PIECE_CHARS, calibration_windows,
                           read_calibration_text, text_hash, tokenize)
 from .checkpoint import CheckpointReader
-from .compress import METHODS, BlockResult, compress_block
+from .block_compress import METHODS, BlockResult, compress_block
 from .cpus import set_threads
 from .errors import InputError, OutputError
-from .memory import release_free_memory
+from .memory import PeakMemory, release_free_memory
 from .modules import build_block
 from .overlap import Background, Prefetch
 from .plan import available_host_memory, make_plan
+from .runlog import RunLog
 from .runstate import RunDir, fingerprint
 from .section import FORMAT_VERSION as SECTION_VERSION
 from .stop import GracefulStop, Interrupted
@@ -41,6 +42,7 @@ PROPAGATE = ("compressed", "original")
 class CompressOptions:
     method: str = "sola"
     ratio: float = 0.2
+    ratio_of: str = "blocks"  # "blocks": of the block linear weights; "model": of all parameters
     prime_ratio: float = 0.15
     calib: str | None = None
     nsamples: int = DEFAULT_NSAMPLES
@@ -52,12 +54,15 @@ class CompressOptions:
     max_gpu_memory: float | None = None  # GiB; None: the device's total memory
     max_host_memory: float | None = None  # GiB; None: the host's available memory at the start
     threads: int | None = None  # CPU threads; None: what affinity, cgroup quota and SLURM allow
+    model_ratio: float | None = None  # the --ratio-of model target this ratio was derived from
 
     def validate(self, need_device: bool = True) -> None:
         if self.method not in METHODS:
             raise InputError(f"--method: {self.method!r} is not one of {', '.join(METHODS)}")
         if not 0.0 < self.ratio < 1.0:
             raise InputError(f"--ratio: {self.ratio} is out of range (0, 1)")
+        if self.ratio_of not in ("blocks", "model"):
+            raise InputError(f"--ratio-of: {self.ratio_of!r} is not blocks or model")
         if not 0.0 <= self.prime_ratio < 1.0:
             raise InputError(f"--prime-ratio: {self.prime_ratio} is out of range [0, 1)")
         if self.propagate not in PROPAGATE:
@@ -112,11 +117,15 @@ class Summary:
     threads: str = ""  # CPU threads used and what chose the number
     final_states: torch.Tensor | None = None  # last block's outputs, when asked for (tests, analysis)
     states_on_disk: bool = False  # calibration states spilled to memory-mapped files
+    peak_rss: int = 0  # bytes, host, sampled over the whole call
+    peak_gpu: int = 0  # bytes allocated by torch on the GPU (0 without CUDA)
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path, config=None):
+    """The checkpoint's tokenizer. `config`: the model's transformers config, given so that an
+    output's config.json (model_type "sola_<family>", remote code) is never read for it."""
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), **({"config": config} if config is not None else {}))
     except Exception as exc:
         raise InputError(f"{path}: tokenizer missing or unreadable ({type(exc).__name__}: {exc})") from None
 
@@ -148,6 +157,20 @@ def check_paths(model_dir: Path, out_dir: Path) -> None:
         raise OutputError(f"{out_dir}: output directory is inside the input model directory ({model_dir})")
 
 
+def blocks_ratio(options: CompressOptions, reader: CheckpointReader, adapter, n: int) -> CompressOptions:
+    """A ratio of the whole model restated as the ratio of the block linear weights that removes
+    the same number of parameters (only block linears are compressed)."""
+    if options.ratio_of == "blocks":
+        return options
+    linears = sum(math.prod(reader.shape(adapter.block_prefix(i) + name + ".weight"))
+                  for i in range(n) for name in adapter.linears)
+    ratio = options.ratio * output.model_params(reader) / linears
+    if ratio >= 1.0:
+        raise InputError(f"--ratio {options.ratio} --ratio-of model: the block linear weights are only "
+                         f"{linears / output.model_params(reader):.1%} of the model's parameters")
+    return replace(options, ratio=ratio, ratio_of="blocks", model_ratio=options.ratio)
+
+
 def outer_digest(reader: CheckpointReader, layers_prefix: str) -> str:
     return reader.digest("", [n for n in reader.names() if not n.startswith(layers_prefix)])
 
@@ -165,11 +188,12 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
         raise InputError(f"{reader.path / 'config.json'}: is a sola-stream output; compress the original model")
     skeleton = Skeleton(reader)
     adapter = skeleton.adapter
+    options = blocks_ratio(options, reader, adapter, skeleton.num_blocks)
     plan = make_plan(reader.config_dict, options, device,
                      budget_host=None if options.max_host_memory else available_host_memory())
     plan.check()
     options = replace(options, batch_tokens=plan.batch_tokens)
-    tokenizer = load_tokenizer(reader.path)
+    tokenizer = load_tokenizer(reader.path, skeleton.config)
     text, calib_desc = read_calibration_text(options.calib)
     windows = calibration_windows(tokenize(tokenizer, text, False, TOKENIZE_PIECE_CHARS), options.nsamples,
                                   options.seqlen, options.seed, calib_desc)
@@ -181,16 +205,22 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
     n = skeleton.num_blocks
     layers_prefix = adapter.layers_path + "."
 
-    with RunDir(out_dir, fp, output.planned_files(reader, n), overwrite) as run, GracefulStop() as stop:
-        summary = dict(options=options, t0=t0, n=n, device=device, spilled=plan.spill, threads=threads)
+    with RunDir(out_dir, fp, output.planned_files(reader, n), overwrite) as run, GracefulStop() as stop, \
+            PeakMemory() as mem:
+        summary = dict(options=options, t0=t0, n=n, device=device, spilled=plan.spill, threads=threads, mem=mem)
         if run.finished:
             return _summary(out_dir, start=n, final_states=None, **summary)
+        log = RunLog(out_dir)
         outer = outer_digest(reader, layers_prefix)
         start = run.next_block
+        log.write("start", block=start, blocks=n, version=__version__, device=str(device), threads=threads,
+                  options=options.result_options(device), calibration=calib_desc, spill=plan.spill)
         if start:
+            t_verify = time.time()
             verify = tqdm(total=start, desc="verify", unit="block", disable=not progress)
             run.verify(outer, lambda i: reader.digest(adapter.block_prefix(i)), torch.get_num_threads(), verify.update)
             verify.close()
+            log.write("verified", blocks=start, seconds=round(time.time() - t_verify, 3))
         run.cleanup_orphans()
         cache = StateCache(run.dir, on_disk=plan.spill)
         commits = Background("commit")
@@ -209,8 +239,9 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
                     cache.open(start)
             weights = Prefetch(reader, skeleton, device)
             bar = tqdm(range(start, n), desc="compress", unit="block", disable=not progress, initial=start, total=n)
+            mem.reset()
             for i in bar:
-                last = i == n - 1
+                t_block, last = time.time(), i == n - 1
                 block_weights, digest = weights.get(i, i + 1 if not last else None)
                 result = _compress_one(i, block_weights, skeleton, cache, kwargs[i], options, device, batch, commits,
                                        need_outputs=not last or keep_final_states)
@@ -219,11 +250,17 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
                 swap = cache.take_target(i + 1)  # this block's outputs become the next one's inputs
                 persist = swap if not last else None
                 entry = _block_entry(i, result, digest)
-                commits.start(lambda i=i, t=result.tensors, e=entry, p=persist: _commit(run, out_dir, adapter, i, t, e, p))
+                rss, gpu = mem.reset()
+                record = {"block": i, "seconds": round(time.time() - t_block, 3), "peak_host_rss_bytes": rss,
+                          "peak_gpu_allocated_bytes": gpu, "kept_fraction": result.kept_params / result.dense_params,
+                          "layers": result.specs, "whitened_error": entry["whitened_error"]}
+                commits.start(lambda i=i, t=result.tensors, e=entry, p=persist, r=record:
+                              _commit(run, out_dir, adapter, i, t, e, p, lambda: log.write("block", **r)))
                 bar.set_postfix(kept=f"{result.kept_params / result.dense_params:.3f}")
                 if stop.requested and not last:
                     commits.wait()
                     bar.close()
+                    log.write("stopped", after_block=i)
                     raise Interrupted(f"{out_dir}: stopped after block {i} of {n} (blocks 0..{i} are committed); "
                                       "run the same command again to resume")
             commits.wait()
@@ -233,16 +270,20 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
             commits.wait(quiet=True)  # a commit in flight completes before the lock is released
             cache.close()
         sola = _sola_section(options, calib_desc, run.manifest, reader, adapter, fp)
-        run.complete("config.json", output.finish(out_dir, reader, n, layers_prefix, sola))
+        log.write("done", seconds=round(time.time() - t0, 3), achieved_ratio_blocks=sola["achieved_ratio_blocks"],
+                  achieved_ratio_model=sola["achieved_ratio_model"])
+        run.complete("config.json", output.finish(out_dir, reader, n, layers_prefix, type(skeleton.model).__name__,
+                                                  type(tokenizer).__name__, sola))
     return _summary(out_dir, start=start, final_states=final, **summary)
 
 
-def _commit(run: RunDir, out_dir: Path, adapter, i: int, tensors: dict, entry: dict, persist) -> None:
-    """Block i made durable: shard, next block's states, manifest (docs/RESUME.md)."""
+def _commit(run: RunDir, out_dir: Path, adapter, i: int, tensors: dict, entry: dict, persist, logged) -> None:
+    """Block i made durable: shard, next block's states, manifest (docs/RESUME.md); then logged."""
     entry["shard_sha256"] = output.write_block(out_dir, i, adapter.block_prefix(i), tensors)
     faults.hit("block_written")
     run.commit_block(i, entry, persist)
     faults.hit("block_committed")
+    logged()
 
 
 def _compress_one(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: StateCache, kwargs: dict,
@@ -306,10 +347,13 @@ def _sola_section(options: CompressOptions, calib_desc: str, manifest: dict, rea
     return {
         "format_version": SECTION_VERSION,
         "package_version": __version__,
+        "base_model_type": adapter.family,
+        "layers_path": adapter.layers_path,
         "method": options.method,
         "ratio": options.ratio,
         "prime_ratio": options.prime_ratio if options.method == "sola" else 0.0,
         "ratio_definition": "fraction of decoder-block linear weight parameters removed",
+        "target_ratio_model": options.model_ratio,
         "achieved_ratio_blocks": 1.0 - kept / dense,
         "achieved_ratio_model": 1.0 - model_kept / model_dense,
         "params": {"blocks_dense": dense, "blocks_kept": kept, "model_dense": model_dense, "model_kept": model_kept},
@@ -323,13 +367,14 @@ def _sola_section(options: CompressOptions, calib_desc: str, manifest: dict, rea
 
 
 def _summary(out_dir: Path, options: CompressOptions, t0: float, n: int, device: torch.device, start: int,
-             final_states, spilled: bool, threads: str) -> Summary:
+             final_states, spilled: bool, threads: str, mem: PeakMemory) -> Summary:
     sola = json.loads((out_dir / "config.json").read_text())["sola"]
     return Summary(output=str(out_dir), method=options.method, target_ratio=options.ratio,
                    achieved_ratio_blocks=sola["achieved_ratio_blocks"],
                    achieved_ratio_model=sola["achieved_ratio_model"], seconds=time.time() - t0, blocks=n,
                    device=str(device), resumed_at=start, final_states=final_states,
-                   states_on_disk=spilled, threads=threads)
+                   states_on_disk=spilled, threads=threads, peak_rss=max(mem.overall_rss, mem.peak_rss, mem.sample()),
+                   peak_gpu=max(mem.overall_gpu, mem.peak_gpu()[0]))
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:

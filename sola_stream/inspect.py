@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 from accelerate import init_empty_weights
 from transformers import AutoModelForCausalLM
 
-from .arch import adapter_for
+from .arch import adapter_for_dict
 from .checkpoint import CheckpointReader, read_json_object
 from .errors import InputError
 from .modules import check_layer_shapes
@@ -24,7 +23,7 @@ def summary_dict(path: str) -> dict:
     if "sola" not in config:
         raise InputError(f"{config_file}: no 'sola' section (not a sola_stream output)")
     reader = CheckpointReader(path)
-    adapter = adapter_for(SimpleNamespace(model_type=config.get("model_type")), str(config_file))
+    adapter = adapter_for_dict(config, str(config_file))
     model_config = load_config(reader)
     sola = check_sola_section(config["sola"], config["num_hidden_layers"], adapter.linears, str(config_file))
     with init_empty_weights(include_buffers=False):

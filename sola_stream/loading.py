@@ -1,6 +1,8 @@
 """Build a torch CausalLM from a sola_stream output directory (or any dense checkpoint)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from accelerate import init_empty_weights
 from transformers import AutoModelForCausalLM
@@ -26,6 +28,9 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
     layers = model.get_submodule(adapter.layers_path)
     if sola is not None:
         check_sola_section(sola, len(layers), adapter.linears, str(reader.path / "config.json"))
+        if "base_model_type" not in sola:
+            warnings.warn(f"{reader.path}: written by sola_stream 0.1, which transformers cannot load by itself; "
+                          f"run `sola-stream upgrade {reader.path}` to make it self-contained", stacklevel=2)
     for i in range(len(layers)):
         tensors = reader.tensors(adapter.block_prefix(i))
         layers[i] = build_checked(lambda: build_block(layers[i], tensors, block_specs(sola, i), device, dtype),

@@ -13,6 +13,7 @@ class PeakMemory:
     def __init__(self, interval: float = 0.05):
         self.interval = interval
         self.peak_rss = 0
+        self.overall_rss = self.overall_gpu = 0  # peaks over all reset() periods
         self._stop = threading.Event()
         self._proc = psutil.Process()
 
@@ -20,6 +21,16 @@ class PeakMemory:
         rss = self._proc.memory_info().rss
         self.peak_rss = max(self.peak_rss, rss)
         return rss
+
+    def reset(self) -> tuple[int, int]:
+        """(peak host RSS, peak GPU allocated) since the last reset, then start a new period."""
+        peak = max(self.peak_rss, self.sample())
+        gpu = self.peak_gpu()[0]
+        self.overall_rss, self.overall_gpu = max(self.overall_rss, peak), max(self.overall_gpu, gpu)
+        self.peak_rss = self._proc.memory_info().rss
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        return peak, gpu
 
     def _run(self):
         while not self._stop.wait(self.interval):

@@ -1,14 +1,8 @@
-"""Inference-time layers of a compressed block, and building a block from its tensors.
+"""Building a compressed block from its tensors, and the parameter count of a layer spec.
 
-A compressed block is the family's own block with some nn.Linear children swapped:
-- FactoredLinear: W ~ A B, stored as `<name>.lowrank.a` (out x k), `<name>.lowrank.b` (k x in).
-- NeuronSplitLinear (SoLA FFN): prime neurons dense under `<name>.prime.weight`, the marginal rest
-  under `<name>.marginal.*` (dense `.weight` or `.lowrank.a/b`). gate/up split their output rows,
-  down its input columns. Neurons are stored prime-first in all three, so the family's own FFN
-  forward (act(gate(x)) * up(x) -> down) works unchanged on the permuted order.
-
-A layer's spec (the `sola.blocks[i].layers` entry in config.json) says which form it takes:
-{"rank": k or null (dense), "prime": p (only for neuron-split layers), "split": "out" | "in"}.
+The layers themselves (FactoredLinear, NeuronSplitLinear) and the layout of their tensors live in
+modeling_sola.py, the file every output directory carries for transformers' trust_remote_code
+loading: one implementation for the package and for the outputs.
 """
 from __future__ import annotations
 
@@ -16,56 +10,13 @@ import copy
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-
-class LowRank(nn.Module):
-    def __init__(self, a: torch.Tensor, b: torch.Tensor):
-        super().__init__()
-        self.a = nn.Parameter(a, requires_grad=False)
-        self.b = nn.Parameter(b, requires_grad=False)
-
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(F.linear(x, self.b), self.a, bias)
-
-
-class FactoredLinear(nn.Module):
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.lowrank = LowRank(a, b)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.in_features, self.out_features = b.shape[1], a.shape[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lowrank(x, self.bias)
-
-
-class NeuronSplitLinear(nn.Module):
-    """Prime neurons dense, marginal ones in `marginal`; split="out" (gate/up) or "in" (down)."""
-
-    def __init__(self, prime: nn.Linear, marginal: nn.Module, split: str):
-        super().__init__()
-        self.prime, self.marginal, self.split = prime, marginal, split
-        self.n_prime = prime.out_features if split == "out" else prime.in_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.split == "out":
-            return torch.cat([self.prime(x), self.marginal(x)], dim=-1)
-        return self.prime(x[..., : self.n_prime]) + self.marginal(x[..., self.n_prime:])
-
-
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    with torch.device("meta"):
-        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    lin.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        lin.bias = nn.Parameter(bias, requires_grad=False)
-    return lin
+from .modeling_sola import FactoredLinear, LowRank, NeuronSplitLinear, dense_linear, weight_shapes  # noqa: F401
 
 
 def _dense_or_factored(tensors: dict[str, torch.Tensor], prefix: str, bias: torch.Tensor | None) -> nn.Module:
     if prefix + "weight" in tensors:
-        return _linear(tensors[prefix + "weight"], bias)
+        return dense_linear(tensors[prefix + "weight"], bias)
     return FactoredLinear(tensors[prefix + "lowrank.a"], tensors[prefix + "lowrank.b"], bias)
 
 
@@ -74,26 +25,9 @@ def layer_from_tensors(spec: dict, tensors: dict[str, torch.Tensor]) -> nn.Modul
     if "prime" not in spec:
         return _dense_or_factored(tensors, "", tensors.get("bias"))
     prime_bias = tensors.get("prime.bias")
-    prime = _linear(tensors["prime.weight"], prime_bias)
+    prime = dense_linear(tensors["prime.weight"], prime_bias)
     marginal = _dense_or_factored(tensors, "marginal.", tensors.get("marginal.bias"))
     return NeuronSplitLinear(prime, marginal, spec["split"])
-
-
-def weight_shapes(spec: dict, m: int, n: int) -> dict[str, tuple[int, int]]:
-    """The weight tensors (names relative to the layer) a layer of original shape m x n stores
-    under `spec`, with their shapes."""
-    rank, prime, split = spec.get("rank"), spec.get("prime"), spec.get("split")
-
-    def part(prefix: str, rows: int, cols: int) -> dict[str, tuple[int, int]]:
-        if rank is None:
-            return {prefix + "weight": (rows, cols)}
-        return {prefix + "lowrank.a": (rows, rank), prefix + "lowrank.b": (rank, cols)}
-
-    if prime is None:
-        return part("", m, n)
-    if split == "out":
-        return {"prime.weight": (prime, n), **part("marginal.", m - prime, n)}
-    return {"prime.weight": (m, prime), **part("marginal.", m, n - prime)}
 
 
 def check_layer_shapes(spec: dict, m: int, n: int, stored: dict[str, tuple[int, ...]], prefix: str) -> None:

@@ -14,9 +14,15 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .checkpoint import INDEX_NAME, CheckpointReader, atomic_copy, atomic_save_tensors, file_sha256, write_index
+from .arch import OUTPUT_PREFIX
+from .runlog import LOG_NAME
+from .checkpoint import (INDEX_NAME, CheckpointReader, atomic_copy, atomic_save_tensors, atomic_write_bytes,
+                         file_sha256, read_json_object, write_index)
 
 OUTER_SHARD = "model-outer.safetensors"
+MODELING_FILE = "modeling_sola.py"  # the package's own inference layers, for trust_remote_code
+MODELING_SOURCE = Path(__file__).with_name(MODELING_FILE)
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 def block_shard_name(index: int) -> str:
@@ -25,8 +31,10 @@ def block_shard_name(index: int) -> str:
 
 def planned_files(reader: CheckpointReader, num_blocks: int) -> list[str]:
     """Every file name a run writes at the top of the output directory."""
-    return ([block_shard_name(i) for i in range(num_blocks)] + [OUTER_SHARD, INDEX_NAME, "config.json"]
-            + [p.name for p in reader.extra_files()])
+    extra = [p.name for p in reader.extra_files()]
+    return ([block_shard_name(i) for i in range(num_blocks)] + [OUTER_SHARD, INDEX_NAME, "config.json", MODELING_FILE,
+                                                                 LOG_NAME]
+            + sorted(set(extra) | {TOKENIZER_CONFIG}))
 
 
 def write_block(out_dir: Path, index: int, prefix: str, tensors: dict) -> str:
@@ -46,9 +54,35 @@ def model_params(reader: CheckpointReader) -> int:
     return total
 
 
-def finish(out_dir: Path, reader: CheckpointReader, num_blocks: int, layers_prefix: str, sola: dict) -> bytes:
-    """Everything after the last block but config.json: outer shard, index, extra files. Returns
-    config.json's content, which the caller writes last (after the ownership marker is final)."""
+def output_config(input_config: dict, arch: str, sola: dict) -> dict:
+    """The input's config.json made an output's: the `sola` section, and the classes of
+    modeling_sola.py for transformers' auto classes (`arch`: the family's CausalLM class name).
+    model_type becomes "sola_<family>", which transformers only knows through that file."""
+    family = arch[: -len("ForCausalLM")]
+    config = dict(input_config)
+    config.update(model_type=OUTPUT_PREFIX + sola["base_model_type"], architectures=[f"Sola{arch}"],
+                  auto_map={"AutoConfig": f"{MODELING_FILE[:-3]}.Sola{family}Config",
+                            "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.Sola{arch}"},
+                  sola=sola)
+    return config
+
+
+def pin_tokenizer_class(out_dir: Path, tokenizer_class: str) -> None:
+    """Name the tokenizer class that the input model's own config selects in the output's
+    tokenizer_config.json: transformers picks a tokenizer by model_type first, and an output's
+    "sola_<family>" is not in its tables, so without this the output would be tokenized by a
+    generic class (other special-token handling) and scored differently from the dense model."""
+    path = out_dir / TOKENIZER_CONFIG
+    config = read_json_object(path, TOKENIZER_CONFIG) if path.is_file() else {}
+    config["tokenizer_class"] = tokenizer_class
+    atomic_write_bytes(path, (json.dumps(config, indent=2) + "\n").encode())
+
+
+def finish(out_dir: Path, reader: CheckpointReader, num_blocks: int, layers_prefix: str, arch: str,
+           tokenizer_class: str, sola: dict) -> bytes:
+    """Everything after the last block but config.json: outer shard, index, modeling file, extra
+    files (the tokenizer class pinned). Returns config.json's content, which the caller writes
+    last (after the ownership marker is final)."""
     outer = {n: reader.get(n) for n in reader.weight_map if not n.startswith(layers_prefix)}
     atomic_save_tensors(out_dir / OUTER_SHARD, outer)
     weight_map = {n: OUTER_SHARD for n in outer}
@@ -56,8 +90,8 @@ def finish(out_dir: Path, reader: CheckpointReader, num_blocks: int, layers_pref
         with safe_open(str(out_dir / block_shard_name(i)), framework="pt") as fh:
             weight_map.update({n: block_shard_name(i) for n in fh.keys()})
     write_index(out_dir, weight_map)
+    atomic_copy(MODELING_SOURCE, out_dir / MODELING_FILE)
     for src in reader.extra_files():
         atomic_copy(src, out_dir / src.name)
-    config = dict(reader.config_dict)
-    config["sola"] = sola
-    return (json.dumps(config, indent=2) + "\n").encode()
+    pin_tokenizer_class(out_dir, tokenizer_class)
+    return (json.dumps(output_config(reader.config_dict, arch, sola), indent=2) + "\n").encode()

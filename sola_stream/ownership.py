@@ -14,8 +14,10 @@ from pathlib import Path
 
 from .checkpoint import atomic_write_json, file_sha256, temp_name
 from .errors import OutputError
+from .runlog import LOG_NAME
 
 MARKER = ".sola-stream.json"
+UNCHECKED = {LOG_NAME}  # ours, but appended to by every later run: no checksum
 FORMAT = "sola-stream-output"
 FORMAT_VERSION = 1
 

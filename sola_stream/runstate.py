@@ -24,7 +24,7 @@ from . import __version__, faults
 from .checkpoint import CheckpointReader, atomic_write_bytes, atomic_write_json, file_sha256, fsync_dir
 from .errors import OutputError
 from .lock import DirLock
-from .ownership import MARKER, foreign_planned, read_marker, remove_ours, verify_files, write_marker
+from .ownership import MARKER, UNCHECKED, foreign_planned, read_marker, remove_ours, verify_files, write_marker
 from .output import block_shard_name
 from .states import states_file
 
@@ -233,7 +233,7 @@ class RunDir:
         failure before the last rename leaves an unfinished run that the same command completes."""
         files = {e["shard"]: e["shard_sha256"] for e in self.manifest["blocks"]}
         for name in self.planned:
-            if name not in files and name != last_name and (self.out_dir / name).is_file():
+            if name not in files and name != last_name and name not in UNCHECKED and (self.out_dir / name).is_file():
                 files[name] = file_sha256(self.out_dir / name)
         files[last_name] = hashlib.sha256(last_data).hexdigest()
         write_marker(self.out_dir, self.planned, files)

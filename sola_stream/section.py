@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from numbers import Real
 
-from .compress import METHODS
+from .block_compress import METHODS
 from .errors import InputError
 
 FORMAT_VERSION = 1
@@ -28,6 +28,9 @@ def check_sola_section(sola, num_blocks: int, linears: tuple[str, ...], where: s
         value = sola.get(key)
         if not isinstance(value, Real) or isinstance(value, bool) or not -1.0 <= value <= 1.0:
             bad(key, f"is {value!r}, not a number in [-1, 1]")
+    for key in ("base_model_type", "layers_path"):  # absent in 0.1 outputs, which only sola_stream.load reads
+        if key in sola and not isinstance(sola[key], str):
+            bad(key, f"is {sola[key]!r}, not a string")
     blocks = sola.get("blocks")
     if not isinstance(blocks, list) or len(blocks) != num_blocks:
         bad("blocks", f"must list {num_blocks} blocks")

@@ -8,14 +8,14 @@ keyword arguments (masks, position embeddings) that the family passes to every b
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 
 import torch
 from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .arch import Adapter, adapter_for
+from .arch import Adapter, adapter_for, adapter_for_dict, base_model_type
 from .checkpoint import CheckpointReader
 from .errors import InputError
 from .inputs import check_config, check_layer_count, check_tensors
@@ -47,14 +47,20 @@ class _Recorder(nn.Module):
 
 def load_config(reader: CheckpointReader):
     """The transformers config, after the checks that need no model: family, field types and
-    bounds, and the layer count against the checkpoint's tensor names."""
+    bounds, and the layer count against the checkpoint's tensor names. An output's config
+    (model_type "sola_<family>") is read as its family's config."""
     where = str(reader.path / "config.json")
     # refuse unknown families before transformers does (its message is long and suggests upgrading)
-    adapter = adapter_for(SimpleNamespace(model_type=reader.config_dict.get("model_type")), where)
+    adapter = adapter_for_dict(reader.config_dict, where)
     check_config(reader.config_dict, where)
     check_layer_count(reader.weight_map, adapter.layers_path, reader.config_dict["num_hidden_layers"], where)
+    family = base_model_type(reader.config_dict)
     try:
-        config = AutoConfig.from_pretrained(str(reader.path))
+        if family != reader.config_dict.get("model_type"):
+            config = CONFIG_MAPPING[family].from_dict(
+                {k: v for k, v in reader.config_dict.items() if k not in ("model_type", "auto_map")})
+        else:
+            config = AutoConfig.from_pretrained(str(reader.path))
     except Exception as exc:
         raise InputError(f"{where}: cannot be read as a transformers config ({exc})") from None
     # sdpa takes is_causal when no mask is given; eager would need a mask for every batch shape

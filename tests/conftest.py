@@ -23,18 +23,29 @@ TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=176, num_hidden_la
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
 
+def output_hashes(out: Path) -> dict[str, str]:
+    """sha256 of every file of an output directory, keyed by name, except the run log (its
+    timestamps and timings differ between runs that write byte-identical models)."""
+    import hashlib
+
+    from sola_stream.runlog import LOG_NAME
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())
+            if p.is_file() and p.name != LOG_NAME}
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return train_tokenizer(TINY["vocab_size"])
 
 
 def make_tiny(family: str, out: Path, tokenizer, shards: bool = True, **overrides) -> Path:
-    """Save a random tiny model of `family` (llama, mistral, qwen2) with the tokenizer to `out`."""
+    """Save a random tiny model of `family` (llama, mistral, qwen2, qwen3) with the tokenizer to `out`."""
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
     config_cls, model_cls = classes[family]
     params = {**TINY, **overrides}
     if family == "llama":

@@ -13,9 +13,9 @@ from sola_stream.arch import adapter_for
 from sola_stream.calibration import calibration_windows, read_calibration_text, tokenize
 from sola_stream.checkpoint import CheckpointReader
 from sola_stream.cli import main
-from sola_stream.compress import compress_block
+from sola_stream.block_compress import compress_block
 from sola_stream.engine import CompressOptions, compress
-from sola_stream.evaluate import perplexity
+from sola_stream.perplexity import perplexity
 from sola_stream.modules import layer_from_tensors
 
 from conftest import CALIB_TEXT
@@ -132,7 +132,8 @@ def test_streaming_eval_equals_in_memory(tiny_models, tmp_path):
     res = perplexity(str(out), str(CALIB_TEXT), seqlen=64, max_windows=3, progress=False)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    assert type(tok) is type(AutoTokenizer.from_pretrained(tiny_models["qwen2"]))  # the dense model's class
     ids = tokenize(tok, CALIB_TEXT.read_text(), True)[: 3 * 64].view(3, 64)
     model = sola_stream.load(out)
     with torch.no_grad():

@@ -3,7 +3,6 @@ files; the output is byte-identical to the in-RAM run and the peak RSS drops by 
 Also the `plan` dry run: its refusals and its agreement with the engine's choices."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ import re
 import pytest
 import torch
 
-from conftest import ROOT, make_tiny
+from conftest import ROOT, make_tiny, output_hashes
 from sola_stream.engine import CompressOptions
 from sola_stream.plan import GIB, make_plan
 
@@ -37,8 +36,7 @@ def run(*args: str) -> tuple[subprocess.CompletedProcess, int]:
     return r, int(float(m.group(1)) * GIB) if m else 0
 
 
-def hashes(out) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
+hashes = output_hashes
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 import sola_stream
 from conftest import WIKI_TEST
 from sola_stream.engine import CompressOptions, compress
-from sola_stream.evaluate import perplexity
+from sola_stream.perplexity import perplexity
 
 CALIB = dict(nsamples=16, seqlen=512)
 EVAL = dict(seqlen=512, max_windows=8)
@@ -58,3 +58,17 @@ def test_compressed_smollm2_generates(results, smollm2):
     print("generated:", repr(text))
     assert new.numel() == 12 and text.strip()
     assert torch.equal(logits.argmax(-1), new)
+
+
+def test_compressed_smollm2_loads_with_transformers_alone(results, tmp_path):
+    """The real model's output through AutoModelForCausalLM (trust_remote_code, in a process where
+    sola_stream cannot be imported) gives sola_stream.load's logits."""
+    from test_transformers_loading import IDS, load_in_child
+
+    _, base = results
+    with torch.no_grad():
+        ref = sola_stream.load(base / "sola")(torch.tensor(IDS)).logits[0]
+    report = load_in_child(base / "sola", tmp_path)
+    assert "trust_remote_code=True" in report["without_trust"]
+    torch.testing.assert_close(torch.tensor(report["logits"]), ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(torch.tensor(report["resaved_logits"]), torch.tensor(report["logits"]))

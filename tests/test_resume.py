@@ -1,7 +1,6 @@
 """Crash safety: kill -9 at many points, SIGTERM, locks; resumed output is byte-identical."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -12,7 +11,8 @@ import time
 
 import pytest
 
-from conftest import make_tiny
+from conftest import make_tiny, output_hashes
+from sola_stream.runlog import read_log
 from sola_stream.runstate import LOCK, RUN_DIR
 from sola_stream.stop import EXIT_INTERRUPTED
 
@@ -34,8 +34,7 @@ def cli(model, out, *extra, crash: str | None = None, wait=True):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def hashes(out) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
+hashes = output_hashes
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +118,14 @@ def test_sigterm_stops_at_safe_point_and_resumes(model4, reference, tmp_path):
     r = cli(model4, out)
     assert r.returncode == 0 and f"resumed at block {done}" in r.stdout
     assert hashes(out) == reference
+    # the run log tells the story: start, blocks, stop, resume (verified), the rest, done
+    log = read_log(out)
+    events = [(e["event"], e.get("block", e.get("after_block"))) for e in log]
+    assert events == ([("start", 0)] + [("block", i) for i in range(done)] + [("stopped", done - 1),
+                      ("start", done), ("verified", None)] + [("block", i) for i in range(done, 4)] + [("done", None)])
+    block = next(e for e in log if e["event"] == "block")
+    assert block["seconds"] > 0 and block["peak_host_rss_bytes"] > 2**20 and 0 < block["kept_fraction"] < 1
+    assert set(block["layers"]) == set(block["whitened_error"]) and "mlp.down_proj" in block["layers"]
 
 
 def test_rerun_of_finished_output_is_a_no_op_and_other_options_refused(model4, reference, tmp_path):

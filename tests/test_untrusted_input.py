@@ -25,6 +25,8 @@ import sola_stream
 from sola_stream.checkpoint import INDEX_NAME
 from sola_stream.cli import main
 from sola_stream.errors import InputError
+from sola_stream.output import MODELING_SOURCE
+from sola_stream.runlog import LOG_NAME
 
 from conftest import ROOT, make_tiny
 from test_bad_input import (FAST, PREFIX, assert_refused, compress, error_line, model, shard_of, shards,  # noqa: F401
@@ -60,7 +62,7 @@ def set_config(model_dir: Path, **fields) -> None:
 def tree_hashes(root: Path) -> dict[str, str]:
     """sha256 of every file under `root`, keyed by the path relative to it."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != LOG_NAME}
 
 
 def temp_files(out: Path) -> list[str]:
@@ -315,7 +317,10 @@ def test_unknown_files_not_copied(model, tmp_path, compress):
     code, _, err = compress(model, out)
     assert code == 0, err
     assert snapshot(model) == before
-    assert not (out / "modeling_evil.py").exists() and not list(out.rglob("*.py"))
+    assert not (out / "modeling_evil.py").exists()
+    # the only Python file is this package's own modeling code (for trust_remote_code loading)
+    assert [p.name for p in out.rglob("*.py")] == ["modeling_sola.py"]
+    assert (out / "modeling_sola.py").read_bytes() == MODELING_SOURCE.read_bytes()
     assert not (out / "notes.txt").exists()
     assert (out / "README.md").read_text() == "# tiny model card\n"
 

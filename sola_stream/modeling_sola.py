@@ -1,0 +1,158 @@
+"""Compressed-model layers and transformers classes for sola_stream outputs.
+
+This file is copied unchanged into every output directory, beside config.json, whose `auto_map`
+points at it: `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)` then needs
+transformers and torch only. The sola_stream package imports its inference layers from here, so
+the two can never drift apart.
+
+A compressed block is the family's own block with some nn.Linear children swapped:
+- FactoredLinear: W ~ A B, stored as `<name>.lowrank.a` (out x k), `<name>.lowrank.b` (k x in).
+- NeuronSplitLinear (SoLA FFN): prime neurons dense under `<name>.prime.weight`, the marginal rest
+  under `<name>.marginal.*` (dense `.weight` or `.lowrank.a/b`). gate/up split their output rows,
+  down its input columns. Neurons are stored prime-first in all three, so the family's own FFN
+  forward (act(gate(x)) * up(x) -> down) works unchanged on the permuted order.
+A layer's spec (config.json `sola.blocks[i].layers[name]`) says which form it takes:
+{"rank": k or null (dense), "prime": p (only for neuron-split layers), "split": "out" | "in"}.
+
+Classes: `Sola<Family>Config` and `Sola<Family>ForCausalLM` for any transformers family
+`<Family>ForCausalLM` (e.g. SolaLlamaForCausalLM), made on first use (PEP 562 module __getattr__).
+Their model_type is "sola_<family>", which transformers does not know without this file: loading
+an output without trust_remote_code fails loudly instead of returning random weights.
+"""
+import torch
+import transformers
+from torch import nn
+from torch.nn import functional as F
+
+
+class LowRank(nn.Module):
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.a = nn.Parameter(a, requires_grad=False)
+        self.b = nn.Parameter(b, requires_grad=False)
+
+    def forward(self, x: torch.Tensor, bias=None) -> torch.Tensor:
+        return F.linear(F.linear(x, self.b), self.a, bias)
+
+
+class FactoredLinear(nn.Module):
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, bias=None):
+        super().__init__()
+        self.lowrank = LowRank(a, b)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.in_features, self.out_features = b.shape[1], a.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lowrank(x, self.bias)
+
+
+class NeuronSplitLinear(nn.Module):
+    """Prime neurons dense, marginal ones in `marginal`; split="out" (gate/up) or "in" (down)."""
+
+    def __init__(self, prime: nn.Linear, marginal: nn.Module, split: str):
+        super().__init__()
+        self.prime, self.marginal, self.split = prime, marginal, split
+        self.n_prime = prime.out_features if split == "out" else prime.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.split == "out":
+            return torch.cat([self.prime(x), self.marginal(x)], dim=-1)
+        return self.prime(x[..., : self.n_prime]) + self.marginal(x[..., self.n_prime:])
+
+
+def weight_shapes(spec: dict, m: int, n: int) -> dict:
+    """The weight tensors (names relative to the layer) a layer of original shape m x n stores
+    under `spec`, with their shapes."""
+    rank, prime, split = spec.get("rank"), spec.get("prime"), spec.get("split")
+
+    def part(prefix, rows, cols):
+        if rank is None:
+            return {prefix + "weight": (rows, cols)}
+        return {prefix + "lowrank.a": (rows, rank), prefix + "lowrank.b": (rank, cols)}
+
+    if prime is None:
+        return part("", m, n)
+    if split == "out":
+        return {"prime.weight": (prime, n), **part("marginal.", m - prime, n)}
+    return {"prime.weight": (m, prime), **part("marginal.", m, n - prime)}
+
+
+def empty_layer(spec: dict, linear: nn.Linear) -> nn.Module:
+    """The compressed form of `linear` under `spec`, with uninitialized parameters of the stored
+    shapes, dtype and device of `linear` (from_pretrained fills them from the shards). A bias
+    stays with the output rows it belongs to; an input split keeps it on the prime part."""
+    m, n = linear.out_features, linear.in_features
+    like = {"dtype": linear.weight.dtype, "device": linear.weight.device}
+    weights = {k: torch.empty(s, **like) for k, s in weight_shapes(spec, m, n).items()}
+
+    def bias(rows, wanted=linear.bias is not None):
+        return torch.empty(rows, **like) if wanted else None
+
+    def dense_or_factored(prefix, b):
+        if prefix + "weight" in weights:
+            return dense_linear(weights[prefix + "weight"], b)
+        return FactoredLinear(weights[prefix + "lowrank.a"], weights[prefix + "lowrank.b"], b)
+
+    if "prime" not in spec:
+        return dense_or_factored("", bias(m))
+    p = spec["prime"]
+    if spec["split"] == "out":
+        return NeuronSplitLinear(dense_linear(weights["prime.weight"], bias(p)),
+                                 dense_or_factored("marginal.", bias(m - p)), "out")
+    return NeuronSplitLinear(dense_linear(weights["prime.weight"], bias(m)), dense_or_factored("marginal.", None), "in")
+
+
+def dense_linear(weight: torch.Tensor, bias) -> nn.Linear:
+    with torch.device("meta"):
+        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias, requires_grad=False)
+    return lin
+
+
+def compress_layers(model: nn.Module, sola: dict) -> None:
+    """Swap the linear layers of `model`'s blocks for their compressed forms (config.json `sola`)."""
+    blocks = model.get_submodule(sola["layers_path"])
+    for block, entry in zip(blocks, sola["blocks"]):
+        for name, spec in entry["layers"].items():
+            if spec.get("rank") is not None or "prime" in spec:
+                block.set_submodule(name, empty_layer(spec, block.get_submodule(name)))
+
+
+class _SolaMixin:
+    """A family's CausalLM whose blocks take the compressed forms named in `config.sola`."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        compress_layers(self, config.sola)
+        self.post_init()
+
+
+_CLASSES: dict = {}
+
+
+def _make(name: str):
+    """Sola<Family>Config / Sola<Family>ForCausalLM from transformers' <Family>Config/ForCausalLM."""
+    if name in _CLASSES:
+        return _CLASSES[name]
+    family = name[len("Sola"):-len("ForCausalLM")] if name.endswith("ForCausalLM") else name[len("Sola"):-len("Config")]
+    base_config = getattr(transformers, f"{family}Config")
+    config_cls = _CLASSES.get(f"Sola{family}Config") or type(
+        f"Sola{family}Config", (base_config,), {"model_type": "sola_" + base_config.model_type, "__module__": __name__})
+    _CLASSES[f"Sola{family}Config"] = config_cls
+    if name.endswith("Config"):
+        return config_cls
+    base_model = getattr(transformers, f"{family}ForCausalLM")
+    model_cls = type(name, (_SolaMixin, base_model), {"config_class": config_cls, "__module__": __name__})
+    _CLASSES[name] = model_cls
+    return model_cls
+
+
+def __getattr__(name: str):
+    if name.startswith("Sola") and name.endswith(("ForCausalLM", "Config")) and len(name) > len("SolaConfig"):
+        try:
+            return _make(name)
+        except AttributeError:
+            pass
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

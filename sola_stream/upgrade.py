@@ -1,0 +1,48 @@
+"""`sola-stream upgrade OUTPUT`: make an output of version 0.1 self-contained.
+
+Version 0.1 wrote config.json with the family's own model_type, so transformers loaded such an
+output without an error and with random weights in place of the factored layers. Upgrading
+writes modeling_sola.py beside it, points config.json's auto_map at it (model_type
+"sola_<family>") and adds the ownership marker; tensors are not touched.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from .arch import OUTPUT_PREFIX, adapter_for_dict
+from .checkpoint import INDEX_NAME, CheckpointReader, atomic_copy, atomic_write_bytes, file_sha256
+from .errors import InputError
+from .ownership import MARKER, read_marker, write_marker
+from .engine import load_tokenizer
+from .output import MODELING_FILE, MODELING_SOURCE, TOKENIZER_CONFIG, output_config, pin_tokenizer_class
+from .section import check_sola_section
+from .skeleton import Skeleton
+
+
+def upgrade(path: str) -> str:
+    """Upgrade the output at `path` in place; returns what was done (one line)."""
+    reader = CheckpointReader(path)
+    where = str(reader.path / "config.json")
+    config = reader.config_dict
+    if "sola" not in config:
+        raise InputError(f"{where}: no 'sola' section (not a sola_stream output)")
+    if str(config.get("model_type", "")).startswith(OUTPUT_PREFIX):
+        return f"{path}: already self-contained (model_type {config['model_type']}); nothing to do"
+    if (reader.path / MARKER).exists():
+        read_marker(reader.path)  # a damaged marker is refused before anything changes
+    adapter = adapter_for_dict(config, where)
+    skeleton = Skeleton(reader)  # config, shapes and outer tensors checked
+    sola = dict(check_sola_section(config["sola"], skeleton.num_blocks, adapter.linears, where))
+    sola.update(base_model_type=adapter.family, layers_path=adapter.layers_path)
+    base = {k: v for k, v in config.items() if k != "sola"}
+    data = (json.dumps(output_config(base, type(skeleton.model).__name__, sola), indent=2) + "\n").encode()
+    atomic_copy(MODELING_SOURCE, reader.path / MODELING_FILE)
+    pin_tokenizer_class(reader.path, type(load_tokenizer(reader.path, skeleton.config)).__name__)
+    names = sorted({*reader.weight_map.values(), INDEX_NAME, "config.json", MODELING_FILE, TOKENIZER_CONFIG,
+                    *(p.name for p in reader.extra_files())})
+    files = {n: file_sha256(reader.path / n) for n in names if n != "config.json" and (reader.path / n).is_file()}
+    files["config.json"] = hashlib.sha256(data).hexdigest()
+    write_marker(reader.path, names, files)
+    atomic_write_bytes(reader.path / "config.json", data)
+    return f"{path}: upgraded (model_type {OUTPUT_PREFIX + adapter.family}, {MODELING_FILE} written, {MARKER} added)"
