@@ -3,7 +3,7 @@
 Reading memory-maps the shards with safe_open: a tensor is read only when asked for. Everything
 a checkpoint directory says is untrusted: JSON files must be objects of the expected types, shard
 names must stay inside the directory, tensors must be float, and only known non-weight files
-(tokenizer, generation config, chat template, license, readme) are ever copied to an output.
+(tokenizer, generation config, chat template, license) are ever copied to an output.
 Writing puts every file under a temporary name, fsyncs it, then renames it into place, so a
 file that has its final name is always complete.
 """
@@ -31,7 +31,7 @@ SINGLE_NAME = "model.safetensors"
 EXTRA_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json",
                "chat_template.jinja", "chat_template.json", "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE",
-               "README.md", "USE_POLICY.md")
+               "USE_POLICY.md")  # not README.md: the output gets its own model card (card.py)
 _TORCH_DTYPE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 MAX_JSON_BYTES = 64 << 20  # config.json / index.json larger than this are refused, not parsed
 MAX_EXTRA_BYTES = 1 << 30  # a tokenizer file larger than this is not a tokenizer file
@@ -78,7 +78,7 @@ def resolve_model_path(model: str) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                             "*.jinja", "LICENSE*", "README.md"]))
+                                                             "*.jinja", "LICENSE*"]))
     except Exception as exc:  # offline, unknown repo, auth: one line is enough
         raise InputError(f"{model}: cannot download from the hub ({type(exc).__name__}: {exc})") from None
 

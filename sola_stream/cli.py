@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from . import __version__
 from .calibration import DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN
@@ -88,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-host-memory", type=float, default=None, metavar="GIB",
                    help="host RAM budget for the zero-shot states (default: available RAM); beyond half of "
                         "it they go to memory-mapped temporary files")
+    e.add_argument("--record", action="store_true",
+                   help="append the result to the output's evaluation records and its model card (README.md)")
     e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -109,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "tensors' shapes. Reads config.json and the shard headers only.")
     i.add_argument("output", help="sola_stream output directory")
     i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="also draw, per block, the kept fraction and whitened error of each layer (needs matplotlib)")
     return p
 
 
@@ -253,9 +258,14 @@ def _eval(args) -> int:
                    batch_tokens=args.batch_tokens, progress=not args.no_progress, threads=args.threads)
     print(f"perplexity {r.ppl:.4f} over {r.windows} windows x {r.seqlen} tokens ({r.tokens} predicted) "
           f"of {r.text} in {r.seconds:.1f} s")
+    result = {"ppl": r.ppl, "nll": r.nll, "windows": r.windows, "seqlen": r.seqlen, "tokens": r.tokens,
+              "text": r.text}
+    if args.record:
+        from .card import record
+
+        record(args.model, {"kind": "perplexity", **result, "text": Path(r.text).name})
     if args.json:
-        print(json.dumps({"ppl": r.ppl, "nll": r.nll, "windows": r.windows, "seqlen": r.seqlen,
-                          "tokens": r.tokens, "text": r.text, "model": args.model}))
+        print(json.dumps({**result, "model": args.model}))
     return 0
 
 
@@ -278,6 +288,10 @@ def _zero_shot(args) -> int:
         print(f"{name:<15} {t.acc:>7.4f} {t.acc_norm:>9.4f} {t.n:>6}")
     print(f"{'mean':<15} {r.mean_acc:>7.4f} {r.mean_acc_norm:>9.4f}   ({r.requests} requests, {r.tokens} tokens, "
           f"{r.seconds:.1f} s{', states spilled to disk' if r.spilled else ''})")
+    if args.record:
+        from .card import record
+
+        record(args.model, {"kind": "zero-shot", "limit": args.limit, **r.as_dict()})
     if args.json:
         print(json.dumps({**r.as_dict(), "model": args.model, "limit": args.limit}))
     return 0
@@ -300,9 +314,11 @@ def _upgrade(args) -> int:
 
 
 def _inspect(args) -> int:
-    from .inspect import describe, summary_dict
+    from .inspect import describe, plot, summary_dict
 
     info = summary_dict(args.output)
+    if args.plot:
+        plot(info, args.plot)
     print(json.dumps(info) if args.json else describe(info))
     return 0
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from .arch import adapter_for_dict
 from .checkpoint import CheckpointReader, read_json_object
 from .errors import InputError
-from .modules import check_layer_shapes
+from .modules import check_layer_shapes, linear_params
 from .section import check_sola_section
 from .skeleton import load_config
 
@@ -28,15 +28,22 @@ def summary_dict(path: str) -> dict:
     sola = check_sola_section(config["sola"], config["num_hidden_layers"], adapter.linears, str(config_file))
     with init_empty_weights(include_buffers=False):
         layers = AutoModelForCausalLM.from_config(model_config).get_submodule(adapter.layers_path)
+    rows = []
     for i, block in enumerate(sola["blocks"]):
         prefix = adapter.block_prefix(i)
+        row = {"block": i}
         for name, spec in block["layers"].items():
             meta = layers[i].get_submodule(name)
-            stored = {n[len(prefix + name) + 1:]: reader.shape(n) for n in reader.names(prefix + name + ".")}
+            m, n = meta.out_features, meta.in_features
+            stored = {k[len(prefix + name) + 1:]: reader.shape(k) for k in reader.names(prefix + name + ".")}
             try:
-                check_layer_shapes(spec, meta.out_features, meta.in_features, stored, prefix + name + ".")
+                check_layer_shapes(spec, m, n, stored, prefix + name + ".")
             except ValueError as exc:
                 raise InputError(f"{path}: block {i}: {exc}") from None
+            errors = block.get("whitened_error") if isinstance(block.get("whitened_error"), dict) else {}
+            row[name] = {**{k: v for k, v in spec.items() if k != "split"},
+                         "kept": linear_params(spec, m, n) / (m * n), "whitened_error": errors.get(name)}
+        rows.append(row)
     return {
         "path": str(path),
         "method": sola["method"],
@@ -46,10 +53,39 @@ def summary_dict(path: str) -> dict:
         "achieved_ratio_model": sola["achieved_ratio_model"],
         "propagate": sola.get("propagate"),
         "calibration": sola.get("calibration"),
-        "blocks": [{"block": i, **{name: {k: v for k, v in spec.items() if k != "split"}
-                                   for name, spec in b["layers"].items()}}
-                   for i, b in enumerate(sola["blocks"])],
+        "blocks": rows,
     }
+
+
+def plot(info: dict, path: str) -> None:
+    """Per block, the kept fraction of each layer and its whitened error (PNG/SVG/PDF by suffix)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install matplotlib (or the project's [eval] extra)") from None
+    names = [n for n in info["blocks"][0] if n != "block"]
+    blocks = [b["block"] for b in info["blocks"]]
+    fig, (kept, err) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    for name in names:
+        kept.plot(blocks, [b[name]["kept"] for b in info["blocks"]], marker=".", label=name.split(".")[-1])
+        err.plot(blocks, [b[name]["whitened_error"] or 0.0 for b in info["blocks"]], marker=".",
+                 label=name.split(".")[-1])
+    kept.set_ylabel("kept fraction of weights")
+    kept.set_title(f"{Path(info['path']).name}: {info['method']}, achieved ratio {info['achieved_ratio_blocks']:.3f} "
+                   "(block linears)")
+    err.set_ylabel("whitened error (dropped energy)")
+    err.set_xlabel("block")
+    kept.legend(ncol=4, fontsize=8)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot write the plot ({exc})") from None
+    finally:
+        plt.close(fig)
 
 
 def describe(info: dict) -> str:

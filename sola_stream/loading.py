@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from .arch import adapter_for
 from .checkpoint import CheckpointReader
 from .errors import InputError
+from .modeling_sola import fuse_shared_inputs
 from .modules import build_block
 from .section import block_specs, build_checked, check_sola_section
 from .skeleton import load_config
@@ -44,4 +45,7 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise InputError(f"{reader.path}: tensor {missing[0]!r} missing")
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if sola is not None and "layers_path" in sola:
+        fuse_shared_inputs(model, sola)  # as transformers' loading through modeling_sola.py does
+    return model

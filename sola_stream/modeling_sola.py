@@ -35,14 +35,46 @@ class LowRank(nn.Module):
         return F.linear(F.linear(x, self.b), self.a, bias)
 
 
+class SharedInput:
+    """Layers that read the same input (q/k/v, gate/up) run their right-hand factors as one
+    matmul: the first layer called with a new input computes x @ [R_1; R_2; ...]^T, the others
+    take their slice of it. R are the layers' right factors (and a split layer's prime rows);
+    the concatenation is made at load (a buffer of the block, not in the file), and the layers'
+    own parameters become views of it, so nothing is stored twice."""
+
+    def __init__(self, owner: nn.Module, name: str, sizes: list):
+        self.owner, self.name, self.sizes = owner, name, sizes
+        self._x = self._parts = None
+        self._pending: set = set()
+
+    def take(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if self._parts is None or self._x is not x or index not in self._pending:
+            self._x, self._parts = x, F.linear(x, getattr(self.owner, self.name)).split(self.sizes, dim=-1)
+            self._pending = set(range(len(self.sizes)))
+        self._pending.discard(index)
+        part = self._parts[index]
+        if not self._pending:
+            self._x = self._parts = None
+        return part
+
+
 class FactoredLinear(nn.Module):
     def __init__(self, a: torch.Tensor, b: torch.Tensor, bias=None):
         super().__init__()
         self.lowrank = LowRank(a, b)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.in_features, self.out_features = b.shape[1], a.shape[0]
+        self.shared = None  # (SharedInput, index) once fused
+
+    def right(self) -> list:
+        return [self.lowrank.b]
+
+    def from_right(self, z: torch.Tensor) -> torch.Tensor:
+        return F.linear(z, self.lowrank.a, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared is not None:
+            return self.from_right(self.shared[0].take(x, self.shared[1]))
         return self.lowrank(x, self.bias)
 
 
@@ -53,11 +85,55 @@ class NeuronSplitLinear(nn.Module):
         super().__init__()
         self.prime, self.marginal, self.split = prime, marginal, split
         self.n_prime = prime.out_features if split == "out" else prime.in_features
+        self.shared = None
+
+    def right(self) -> list:
+        """Rows applied to the input (output split only): the prime rows, then the marginal part's
+        right factor or its dense rows."""
+        m = self.marginal
+        return [self.prime.weight, m.lowrank.b if isinstance(m, FactoredLinear) else m.weight]
+
+    def from_right(self, z: torch.Tensor) -> torch.Tensor:
+        zp, zm = z[..., : self.n_prime], z[..., self.n_prime:]
+        if self.prime.bias is not None:
+            zp = zp + self.prime.bias
+        if isinstance(self.marginal, FactoredLinear):
+            zm = self.marginal.from_right(zm)
+        elif self.marginal.bias is not None:
+            zm = zm + self.marginal.bias
+        return torch.cat([zp, zm], dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared is not None:
+            return self.from_right(self.shared[0].take(x, self.shared[1]))
         if self.split == "out":
             return torch.cat([self.prime(x), self.marginal(x)], dim=-1)
         return self.prime(x[..., : self.n_prime]) + self.marginal(x[..., self.n_prime:])
+
+
+def fuse_shared_inputs(model: nn.Module, sola: dict) -> int:
+    """Fuse the right factors of each input group of `sola["input_groups"]` whose layers are all
+    compressed (FactoredLinear, or NeuronSplitLinear splitting outputs). Returns the groups fused."""
+    fused = 0
+    for block in model.get_submodule(sola["layers_path"]):
+        for g, names in enumerate(sola.get("input_groups", [])):
+            layers = [block.get_submodule(n) for n in names]
+            if len(layers) < 2 or not all(isinstance(m, FactoredLinear) or
+                                          (isinstance(m, NeuronSplitLinear) and m.split == "out") for m in layers):
+                continue
+            pieces = [p for m in layers for p in m.right()]
+            weight = torch.cat([p.detach() for p in pieces])
+            name = f"_sola_shared_input_{g}"
+            block.register_buffer(name, weight, persistent=False)
+            start = 0
+            for p in pieces:  # the layers' parameters become views of the concatenation
+                p.data = weight[start:start + p.shape[0]]
+                start += p.shape[0]
+            shared = SharedInput(block, name, [sum(p.shape[0] for p in m.right()) for m in layers])
+            for i, m in enumerate(layers):
+                m.shared = (shared, i)
+            fused += 1
+    return fused
 
 
 def weight_shapes(spec: dict, m: int, n: int) -> dict:
@@ -127,6 +203,12 @@ class _SolaMixin:
         super().__init__(config, *args, **kwargs)
         compress_layers(self, config.sola)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        fuse_shared_inputs(model, model.config.sola)
+        return model
 
 
 _CLASSES: dict = {}

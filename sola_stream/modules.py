@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-from .modeling_sola import FactoredLinear, LowRank, NeuronSplitLinear, dense_linear, weight_shapes  # noqa: F401
+from .modeling_sola import FactoredLinear, NeuronSplitLinear, dense_linear, weight_shapes
 
 
 def _dense_or_factored(tensors: dict[str, torch.Tensor], prefix: str, bias: torch.Tensor | None) -> nn.Module:

@@ -3,7 +3,8 @@
 Layout: `model-block-NNNNN.safetensors` per decoder block, `model-outer.safetensors` for the
 tensors outside the blocks (embeddings, final norm, untied head), `model.safetensors.index.json`,
 `config.json` (the input's, plus a `sola` section) and the input's known non-weight files
-(tokenizer, generation config, chat template, license, readme; checkpoint.EXTRA_FILES).
+(tokenizer, generation config, chat template, license; checkpoint.EXTRA_FILES), and the model
+card README.md (card.py).
 config.json is written last, after every other file and the ownership marker's checksums: a
 directory without it is not a finished model, and one with it is complete.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from .arch import OUTPUT_PREFIX
+from .card import CARD, EVALS, write_card
 from .runlog import LOG_NAME
 from .checkpoint import (INDEX_NAME, CheckpointReader, atomic_copy, atomic_save_tensors, atomic_write_bytes,
                          file_sha256, read_json_object, write_index)
@@ -34,7 +36,7 @@ def planned_files(reader: CheckpointReader, num_blocks: int) -> list[str]:
     extra = [p.name for p in reader.extra_files()]
     return ([block_shard_name(i) for i in range(num_blocks)] + [OUTER_SHARD, INDEX_NAME, "config.json", MODELING_FILE,
                                                                  LOG_NAME]
-            + sorted(set(extra) | {TOKENIZER_CONFIG}))
+            + sorted(set(extra) | {TOKENIZER_CONFIG, CARD, EVALS}))
 
 
 def write_block(out_dir: Path, index: int, prefix: str, tensors: dict) -> str:
@@ -94,4 +96,6 @@ def finish(out_dir: Path, reader: CheckpointReader, num_blocks: int, layers_pref
     for src in reader.extra_files():
         atomic_copy(src, out_dir / src.name)
     pin_tokenizer_class(out_dir, tokenizer_class)
-    return (json.dumps(output_config(reader.config_dict, arch, sola), indent=2) + "\n").encode()
+    config = output_config(reader.config_dict, arch, sola)
+    write_card(out_dir, config)
+    return (json.dumps(config, indent=2) + "\n").encode()

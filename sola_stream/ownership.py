@@ -17,7 +17,9 @@ from .errors import OutputError
 from .runlog import LOG_NAME
 
 MARKER = ".sola-stream.json"
-UNCHECKED = {LOG_NAME}  # ours, but appended to by every later run: no checksum
+# ours, but changed after the run by later commands (the run log, the model card and the
+# evaluation records of `eval --record`): no checksum
+UNCHECKED = {LOG_NAME, "README.md", "sola-stream-evals.jsonl"}
 FORMAT = "sola-stream-output"
 FORMAT_VERSION = 1
 

@@ -67,7 +67,6 @@ def blocks(reader: CheckpointReader, skeleton: Skeleton, device, progress: bool,
         tensors = reader.tensors(skeleton.adapter.block_prefix(i))
         block = build_checked(lambda: build_block(skeleton.meta_block(i), tensors, block_specs(sola, i), device,
                                                   torch.float32), str(reader.path), i)
-        del tensors
         yield i, block
         del block
 

@@ -20,8 +20,8 @@ LOG_NAME = "sola-stream-log.jsonl"
 
 
 class RunLog:
-    def __init__(self, out_dir: Path):
-        self.path = out_dir / LOG_NAME
+    def __init__(self, out_dir: Path, name: str = LOG_NAME):
+        self.path = out_dir / name
 
     def write(self, event: str, **fields) -> None:
         line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, **fields})
@@ -36,9 +36,9 @@ class RunLog:
             raise write_error(self.path, exc) from None
 
 
-def read_log(out_dir: Path) -> list[dict]:
+def read_log(out_dir: Path, name: str = LOG_NAME) -> list[dict]:
     """The log's complete lines (a partial last line, from a crash, is skipped)."""
-    path = out_dir / LOG_NAME
+    path = out_dir / name
     entries = []
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:

@@ -31,6 +31,9 @@ def check_sola_section(sola, num_blocks: int, linears: tuple[str, ...], where: s
     for key in ("base_model_type", "layers_path"):  # absent in 0.1 outputs, which only sola_stream.load reads
         if key in sola and not isinstance(sola[key], str):
             bad(key, f"is {sola[key]!r}, not a string")
+    groups = sola.get("input_groups", [])
+    if not isinstance(groups, list) or not all(isinstance(g, list) and all(n in linears for n in g) for g in groups):
+        bad("input_groups", "must list groups of this family's linear layers")
     blocks = sola.get("blocks")
     if not isinstance(blocks, list) or len(blocks) != num_blocks:
         bad("blocks", f"must list {num_blocks} blocks")

@@ -34,7 +34,8 @@ def upgrade(path: str) -> str:
     adapter = adapter_for_dict(config, where)
     skeleton = Skeleton(reader)  # config, shapes and outer tensors checked
     sola = dict(check_sola_section(config["sola"], skeleton.num_blocks, adapter.linears, where))
-    sola.update(base_model_type=adapter.family, layers_path=adapter.layers_path)
+    sola.update(base_model_type=adapter.family, layers_path=adapter.layers_path,
+                input_groups=[list(adapter.qkv), list(adapter.ffn_in)])
     base = {k: v for k, v in config.items() if k != "sola"}
     data = (json.dumps(output_config(base, type(skeleton.model).__name__, sola), indent=2) + "\n").encode()
     atomic_copy(MODELING_SOURCE, reader.path / MODELING_FILE)

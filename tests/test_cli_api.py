@@ -73,3 +73,37 @@ def test_output_into_a_closed_pipe_is_not_an_error(args):
     code = p.wait(timeout=60)
     assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
     assert code == (2 if args[0] == "inspect" else 0), (code, err)
+
+
+def test_model_card_records_and_plot(tiny, tmp_path, capsys):
+    from conftest import SHARED
+
+    out = tmp_path / "out"
+    common = ["--nsamples", "4", "--seqlen", "32", "--no-progress", "--calib", str(CALIB_TEXT)]
+    assert main(["compress", str(tiny), str(out), *common]) == 0
+    card = (out / "README.md").read_text()
+    assert "| method | SoLA" in card and "trust_remote_code=True" in card and "None recorded yet" in card
+    assert main(["eval", str(out), "--text", str(CALIB_TEXT), "--seqlen", "64", "--max-windows", "2", "--record",
+                 "--no-progress", "--json"]) == 0
+    ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"]
+    assert main(["eval", str(out), "--tasks", "piqa,boolq", "--data", str(SHARED / "data" / "zeroshot"), "--limit",
+                 "2", "--record", "--no-progress"]) == 0
+    card = (out / "README.md").read_text()
+    assert f"perplexity **{ppl:.4f}**" in card and "zero-shot acc/acc_norm (first 2 documents" in card
+    assert len((out / "sola-stream-evals.jsonl").read_text().splitlines()) == 2
+    capsys.readouterr()
+    # recording changed the card after the run: the finished output still verifies
+    assert main(["compress", str(tiny), str(out), *common]) == 0 and "already complete" in capsys.readouterr().out
+
+    assert main(["inspect", str(out), "--json", "--plot", str(tmp_path / "ranks.png")]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    gate = info["blocks"][0]["mlp.gate_proj"]
+    assert 0 < gate["kept"] < 1 and 0 <= gate["whitened_error"] < 1
+    assert (tmp_path / "ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert main(["eval", str(tiny), "--text", str(CALIB_TEXT), "--seqlen", "64", "--max-windows", "1", "--record",
+                 "--no-progress"]) == 2  # a dense checkpoint has no card to record into
+    assert "--record needs a finished sola-stream output" in capsys.readouterr().err
+    assert main(["compress", str(tiny), str(out), *common, "--ratio", "0.3", "--overwrite"]) == 0
+    assert "None recorded yet" in (out / "README.md").read_text()
+    assert not (out / "sola-stream-evals.jsonl").exists()

@@ -92,7 +92,7 @@ def test_loaded_logits_equal_engine_states(tiny_models, tmp_path):
     tokenizer_text, _ = read_calibration_text(None)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     windows = calibration_windows(tokenize(tok, tokenizer_text, False), OPTS["nsamples"], OPTS["seqlen"], 0, "t")
     with torch.no_grad():
         logits = model(windows).logits

@@ -41,10 +41,10 @@ def test_overwrite_keeps_user_files_beside_a_finished_output(model, finished, co
     (finished / "notes.txt").write_text("my notes\n")
     (finished / "results").mkdir()
     (finished / "results" / "eval.json").write_text('{"ppl": 12.3}\n')
-    (finished / "README.md").write_text("my model card\n")  # the input has no README.md: the user's
-    user = snapshot(finished / "notes.txt", finished / "results", finished / "README.md")
+    (finished / "MY_CARD.md").write_text("my model card\n")
+    user = snapshot(finished / "notes.txt", finished / "results", finished / "MY_CARD.md")
     ok(compress(model, finished, "--ratio", "0.3", "--overwrite"))
-    assert snapshot(finished / "notes.txt", finished / "results", finished / "README.md") == user
+    assert snapshot(finished / "notes.txt", finished / "results", finished / "MY_CARD.md") == user
     assert json.loads((finished / "config.json").read_text())["sola"]["ratio"] == 0.3
     assert set(json.loads((finished / MARKER).read_text())["files"]) >= {"config.json", "model-outer.safetensors"}
 
@@ -122,10 +122,10 @@ def test_damaged_or_foreign_marker_is_refused(model, finished, compress, content
 
 
 def test_a_new_run_never_replaces_a_user_file_named_like_an_output_file(model, finished, compress):
-    """The user's README.md beside a finished output; the next run's input has a README.md too."""
-    (finished / "README.md").write_text("my own notes on this model\n")
-    (model / "README.md").write_text("the base model's card\n")
+    """The user's LICENSE beside a finished output; the next run's input has a LICENSE too."""
+    (finished / "LICENSE").write_text("my own terms for this model\n")
+    (model / "LICENSE").write_text("the base model's license\n")
     before = snapshot(finished)
-    refused(compress(model, finished, "--overwrite"), "README.md", "move it away")
-    assert (finished / "README.md").read_text() == "my own notes on this model\n"
+    refused(compress(model, finished, "--overwrite"), "LICENSE", "move it away")
+    assert snapshot(finished) == before
     assert (finished / "config.json").is_file()  # nothing of the old output was deleted either

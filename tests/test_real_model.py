@@ -41,7 +41,7 @@ def test_sola_beats_svd_llm_at_30_percent(results):
 
 def test_compressed_smollm2_generates(results, smollm2):
     _, base = results
-    tok = AutoTokenizer.from_pretrained(base / "sola")
+    tok = AutoTokenizer.from_pretrained(base / "sola", trust_remote_code=True)
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     chat = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
@@ -72,3 +72,32 @@ def test_compressed_smollm2_loads_with_transformers_alone(results, tmp_path):
     assert "trust_remote_code=True" in report["without_trust"]
     torch.testing.assert_close(torch.tensor(report["logits"]), ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(torch.tensor(report["resaved_logits"]), torch.tensor(report["logits"]))
+
+
+def test_streamed_zero_shot_agrees_with_lm_eval(results, smollm2, tmp_path):
+    """The first 100 documents of each of the seven tasks, dense and SoLA 30%: the streamed
+    evaluator's acc and acc_norm equal lm-evaluation-harness's (through the shipped task configs,
+    the output loaded by transformers with trust_remote_code) within 0.005."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from conftest import SHARED
+    from sola_stream.lmeval_tasks import write_tasks
+    from sola_stream.tasks import TASKS
+    from sola_stream.zeroshot import zero_shot
+
+    data = SHARED / "data" / "zeroshot"
+    write_tasks(str(data), str(tmp_path / "tasks"))
+    _, base = results
+    for model in (smollm2, base / "sola"):
+        ours = zero_shot(str(model), list(TASKS), str(data), limit=100, device="cpu", progress=False)
+        theirs = simple_evaluate(model="hf", model_args=f"pretrained={model},trust_remote_code=True,dtype=float32",
+                                 tasks=[f"{t}_local" for t in TASKS], limit=100, batch_size=16, device="cpu",
+                                 task_manager=TaskManager(include_path=str(tmp_path / "tasks")))["results"]
+        for name in TASKS:
+            row = theirs[f"{name}_local"]
+            print(model.name, name, vars(ours.tasks[name]), {k: v for k, v in row.items() if "stderr" not in k})
+            assert ours.tasks[name].n == 100
+            assert abs(ours.tasks[name].acc - row["acc,none"]) <= 0.005, (model, name)
+            if "acc_norm,none" in row:
+                assert abs(ours.tasks[name].acc_norm - row["acc_norm,none"]) <= 0.005, (model, name)

@@ -122,3 +122,31 @@ def test_output_of_version_01_is_upgraded_in_place(tiny_tokenizer, tmp_path, cap
     torch.testing.assert_close(torch.tensor(report["logits"]), ref, rtol=1e-5, atol=1e-5)
     assert json.loads((out / MARKER).read_text())["complete"]
     assert main(["upgrade", str(out)]) == 0 and "nothing to do" in capsys.readouterr().out
+
+
+def test_shared_input_factors_run_as_one_matmul(tiny_tokenizer, tmp_path):
+    """svd-llm factors every layer: q/k/v and gate/up fuse at load (one right-hand matmul per
+    group, parameters become views of one buffer, nothing added to the state dict), with the
+    logits of the unfused layers."""
+    from sola_stream.modeling_sola import FactoredLinear, NeuronSplitLinear
+
+    model = make_tiny("llama", tmp_path / "llama", tiny_tokenizer)
+    for method in ("svd-llm", "sola"):
+        out = tmp_path / method
+        compress(str(model), str(out), CompressOptions(method=method, ratio=0.4, nsamples=4, seqlen=32),
+                 progress=False)
+        m = sola_stream.load(out)
+        layers = [mod for mod in m.modules() if isinstance(mod, (FactoredLinear, NeuronSplitLinear))]
+        fused = [mod for mod in layers if mod.shared is not None]
+        if method == "svd-llm":
+            assert len(fused) == 5 * 3  # q, k, v, gate, up in every block
+        assert fused and all(not n.startswith("model.layers.0._sola") for n in m.state_dict())
+        buffers = {n: b for n, b in m.named_buffers() if "_sola_shared_input" in n}
+        assert buffers and fused[0].right()[0].data_ptr() >= min(b.data_ptr() for b in buffers.values())
+        ids = torch.tensor(IDS)
+        with torch.no_grad():
+            joint = m(ids).logits
+            for mod in fused:
+                mod.shared = None
+            separate = m(ids).logits
+        torch.testing.assert_close(joint, separate, rtol=1e-5, atol=1e-5)

@@ -266,7 +266,7 @@ def test_symlinked_shards(model, tmp_path, compress):
 def test_hub_cache_layout(model, tmp_path, compress):
     """models--org--name/snapshots/REV/* are links into ../../blobs: every file, extras included,
     resolves inside the repository's cache folder, so all of it is read and copied."""
-    (model / "README.md").write_text("# tiny model\n")
+    (model / "LICENSE").write_text("the tiny model's license\n")
     repo = tmp_path / "hub" / "models--org--tiny"
     snap = repo / "snapshots" / "0123abcd"
     blobs = repo / "blobs"
@@ -281,7 +281,7 @@ def test_hub_cache_layout(model, tmp_path, compress):
     code, _, err = compress(snap, out)
     assert code == 0, err
     assert snapshot(repo) == before
-    for name in ("README.md", "generation_config.json", "tokenizer.json"):
+    for name in ("LICENSE", "generation_config.json", "tokenizer.json"):
         assert (out / name).is_file() and not (out / name).is_symlink(), name
         assert (out / name).read_bytes() == (snap / name).read_bytes()
 
@@ -290,8 +290,8 @@ def test_hub_cache_layout(model, tmp_path, compress):
 SECRET = "TOP-SECRET-7f3a9c-do-not-copy"
 
 
-@pytest.mark.parametrize("name,relative", [("generation_config.json", False), ("README.md", False),
-                                           ("README.md", True)])
+@pytest.mark.parametrize("name,relative", [("generation_config.json", False), ("LICENSE", False),
+                                           ("LICENSE", True)])
 def test_extra_file_links_outside(model, tmp_path, compress, name, relative):
     secret = tmp_path / "secret.json"
     secret.write_text(json.dumps({"api_key": SECRET}))
@@ -312,6 +312,7 @@ def test_unknown_files_not_copied(model, tmp_path, compress):
     (model / "modeling_evil.py").write_text("import os\nos.system('echo pwned')\n")
     (model / "notes.txt").write_text("private notes\n")
     (model / "README.md").write_text("# tiny model card\n")
+    (model / "LICENSE").write_text("the tiny model's license\n")
     before = snapshot(model)
     out = tmp_path / "out"
     code, _, err = compress(model, out)
@@ -322,7 +323,9 @@ def test_unknown_files_not_copied(model, tmp_path, compress):
     assert [p.name for p in out.rglob("*.py")] == ["modeling_sola.py"]
     assert (out / "modeling_sola.py").read_bytes() == MODELING_SOURCE.read_bytes()
     assert not (out / "notes.txt").exists()
-    assert (out / "README.md").read_text() == "# tiny model card\n"
+    assert (out / "LICENSE").read_text() == "the tiny model's license\n"
+    # the dense model's card describes the dense model: the output gets its own
+    assert "sola-stream" in (out / "README.md").read_text()
 
 
 # -- 10. read-only output ----------------------------------------------------------------------

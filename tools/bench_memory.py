@@ -37,7 +37,7 @@ from make_synthetic_checkpoint import make_checkpoint  # noqa: E402
 
 import sola_stream.engine as engine  # noqa: E402
 from sola_stream.checkpoint import CheckpointReader  # noqa: E402
-from sola_stream.compress import compress_block  # noqa: E402
+from sola_stream.block_compress import compress_block  # noqa: E402
 from sola_stream.memory import PeakMemory  # noqa: E402
 from sola_stream.modules import build_block  # noqa: E402
 from sola_stream.plan import GIB, make_plan  # noqa: E402
