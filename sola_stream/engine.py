@@ -121,7 +121,7 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
     skeleton = Skeleton(reader)
     adapter = skeleton.adapter
     options = blocks_ratio(options, reader, adapter, skeleton.num_blocks)
-    plan = make_plan(reader.config_dict, options, device,
+    plan = make_plan(reader.config_dict, options, device, measure=progress,  # the bar's first ETA
                      budget_host=None if options.max_host_memory else available_host_memory())
     plan.check()
     options = replace(options, batch_tokens=plan.batch_tokens)
@@ -171,6 +171,8 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
                     cache.open(start)
             weights = Prefetch(reader, skeleton, device)
             bar = tqdm(range(start, n), desc="compress", unit="block", disable=not progress, initial=start, total=n)
+            if plan.seconds_per_block:  # until the first block ends, tqdm has no rate of its own
+                bar.set_postfix_str(f"planned ETA {bar.format_interval(plan.seconds_per_block * (n - start))}")
             mem.reset()
             for i in bar:
                 t_block, last = time.time(), i == n - 1

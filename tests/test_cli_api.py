@@ -107,3 +107,11 @@ def test_model_card_records_and_plot(tiny, tmp_path, capsys):
     assert main(["compress", str(tiny), str(out), *common, "--ratio", "0.3", "--overwrite"]) == 0
     assert "None recorded yet" in (out / "README.md").read_text()
     assert not (out / "sola-stream-evals.jsonl").exists()
+
+
+def test_progress_bar_shows_the_planned_eta_before_the_first_block(tiny, tmp_path, capsys):
+    assert main(["compress", str(tiny), str(tmp_path / "out"), "--nsamples", "4", "--seqlen", "32", "--calib",
+                 str(CALIB_TEXT)]) == 0
+    err = capsys.readouterr().err
+    first = err.index("planned ETA")
+    assert first < err.index("kept=")  # shown before the first block's own figures
