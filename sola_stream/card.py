@@ -21,7 +21,9 @@ CARD = "README.md"
 EVALS = "sola-stream-evals.jsonl"
 
 
-def render(config: dict, evals: list[dict], name: str) -> str:
+def render(config: dict, evals: list[dict]) -> str:
+    """The card's text: a function of config.json and the records only (not of where the output
+    lies), so the same run gives the same bytes in any directory."""
     sola = config["sola"]
     cal = sola.get("calibration") or {}
     target = (f"{sola['target_ratio_model']:.4f} of all model parameters" if sola.get("target_ratio_model")
@@ -30,7 +32,9 @@ def render(config: dict, evals: list[dict], name: str) -> str:
                       "factors, ranks allocated per block)",
               "svd-llm": "SVD-LLM-style whitened SVD, uniform ranks", "svd": "plain truncated SVD, uniform ranks"}
     lines = ["---", "library_name: transformers", "tags:", "- sola-stream", "- compressed", "- low-rank", "---", "",
-             f"# {name}", "",
+             f"# {sola.get('base_model_type', config.get('model_type'))} compressed with "
+             f"{ {'sola': 'SoLA', 'svd-llm': 'SVD-LLM', 'svd': 'SVD'}.get(sola['method'], sola['method'])}, "
+             f"ratio {sola['ratio']:g}", "",
              f"A {sola.get('base_model_type', config.get('model_type'))} model compressed training-free with "
              f"sola-stream {sola.get('package_version', __version__)}.", "",
              "| | |", "|---|---|",
@@ -65,7 +69,7 @@ def render(config: dict, evals: list[dict], name: str) -> str:
 
 
 def write_card(out_dir: Path, config: dict) -> None:
-    atomic_write_bytes(out_dir / CARD, render(config, read_log(out_dir, EVALS), out_dir.name).encode())
+    atomic_write_bytes(out_dir / CARD, render(config, read_log(out_dir, EVALS)).encode())
 
 
 def record(out_dir: str, entry: dict) -> None:
