@@ -47,6 +47,8 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--unfused", action="store_true",
+                   help="also time each compressed model with its shared-input fusion turned off")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,6 +61,12 @@ def main() -> int:
         rows.append((Path(path).name, params, speeds))
         print(f"{path}: {params / 1e6:.1f} M parameters, " +
               ", ".join(f"batch {b}: {s:.1f} tok/s" for b, s in speeds.items()), file=sys.stderr)
+        fused = [m for m in model.modules() if getattr(m, "shared", None) is not None]
+        if args.unfused and fused:
+            for m in fused:
+                m.shared = None
+            speeds = {b: decode_speed(model, b, args.new_tokens, args.repeats, args.device) for b in args.batches}
+            rows.append((Path(path).name + " (unfused)", params, speeds))
         del model
     base = rows[0][2]
     print("| model | parameters | " + " | ".join(f"batch {b} tok/s (x dense)" for b in args.batches) + " |")

@@ -54,6 +54,8 @@ def main() -> int:
             rows[model] = {"streamed": {k: vars(v) for k, v in ours.tasks.items()}, "lm_eval": theirs,
                            "seconds": {"streamed": t1 - t0, "lm_eval": time.time() - t1}}
             print(f"{model}: streamed {t1 - t0:.0f} s, lm-eval {time.time() - t1:.0f} s", file=sys.stderr)
+            if args.json:  # after every model: a long run that is stopped keeps what it measured
+                Path(args.json).write_text(json.dumps({"limit": args.limit, "rows": rows}, indent=2))
     # acc_norm where the harness reports it (not WinoGrande, BoolQ), for both evaluators alike
     normed = [t for t in TASKS if next(iter(rows.values()))["lm_eval"][t]["acc_norm"] is not None]
     print("| model (evaluator) | " + " | ".join(TASKS) + " | mean acc (7) | mean acc_norm "
