@@ -9,10 +9,11 @@ results) is left alone, and a file the user changed makes the run refuse instead
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
-from .checkpoint import atomic_write_json, file_sha256, temp_name
+from .checkpoint import atomic_write_bytes, atomic_write_json, file_sha256, temp_name
 from .errors import OutputError
 from .runlog import LOG_NAME
 
@@ -57,6 +58,19 @@ def write_marker(out: Path, planned: list[str], files: dict[str, str] | None = N
     if files is not None:
         marker["files"] = dict(sorted(files.items()))
     atomic_write_json(out / MARKER, marker)
+
+
+def finish_output(out: Path, planned: list[str], known: dict[str, str], last_name: str, last_data: bytes) -> None:
+    """Make `out` a complete output: the marker with every planned file's SHA-256 (`known` ones as
+    given, the others hashed, UNCHECKED ones left out, `last_name` from `last_data`), then the
+    last file itself (config.json: what makes the directory a model) written after it."""
+    files = dict(known)
+    for name in planned:
+        if name not in files and name != last_name and name not in UNCHECKED and (out / name).is_file():
+            files[name] = file_sha256(out / name)
+    files[last_name] = hashlib.sha256(last_data).hexdigest()
+    write_marker(out, planned, files)
+    atomic_write_bytes(out / last_name, last_data)
 
 
 def verify_files(out: Path, files: dict[str, str], hint: str) -> None:

@@ -21,10 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import __version__, faults
-from .checkpoint import CheckpointReader, atomic_write_bytes, atomic_write_json, file_sha256, fsync_dir
+from .checkpoint import CheckpointReader, atomic_write_json, file_sha256, fsync_dir
 from .errors import OutputError
 from .lock import DirLock
-from .ownership import MARKER, UNCHECKED, foreign_planned, read_marker, remove_ours, verify_files, write_marker
+from .ownership import MARKER, finish_output, foreign_planned, read_marker, remove_ours, verify_files, write_marker
 from .output import block_shard_name
 from .states import states_file
 
@@ -231,13 +231,8 @@ class RunDir:
         """Finish the output: record every file's checksum in the marker, write the last file
         (config.json, the one that makes the directory a model), then drop the run state. A
         failure before the last rename leaves an unfinished run that the same command completes."""
-        files = {e["shard"]: e["shard_sha256"] for e in self.manifest["blocks"]}
-        for name in self.planned:
-            if name not in files and name != last_name and name not in UNCHECKED and (self.out_dir / name).is_file():
-                files[name] = file_sha256(self.out_dir / name)
-        files[last_name] = hashlib.sha256(last_data).hexdigest()
-        write_marker(self.out_dir, self.planned, files)
-        atomic_write_bytes(self.out_dir / last_name, last_data)
+        finish_output(self.out_dir, self.planned, {e["shard"]: e["shard_sha256"] for e in self.manifest["blocks"]},
+                      last_name, last_data)
         faults.hit("config_written")
         shutil.rmtree(self.dir)
         self.release()

@@ -7,13 +7,12 @@ writes modeling_sola.py beside it, points config.json's auto_map at it (model_ty
 """
 from __future__ import annotations
 
-import hashlib
 import json
 
 from .arch import OUTPUT_PREFIX, adapter_for_dict
-from .checkpoint import INDEX_NAME, CheckpointReader, atomic_copy, atomic_write_bytes, file_sha256
+from .checkpoint import INDEX_NAME, CheckpointReader, atomic_copy
 from .errors import InputError
-from .ownership import MARKER, read_marker, write_marker
+from .ownership import MARKER, finish_output, read_marker
 from .engine import load_tokenizer
 from .output import MODELING_FILE, MODELING_SOURCE, TOKENIZER_CONFIG, output_config, pin_tokenizer_class
 from .section import check_sola_section
@@ -42,8 +41,5 @@ def upgrade(path: str) -> str:
     pin_tokenizer_class(reader.path, type(load_tokenizer(reader.path, skeleton.config)).__name__)
     names = sorted({*reader.weight_map.values(), INDEX_NAME, "config.json", MODELING_FILE, TOKENIZER_CONFIG,
                     *(p.name for p in reader.extra_files())})
-    files = {n: file_sha256(reader.path / n) for n in names if n != "config.json" and (reader.path / n).is_file()}
-    files["config.json"] = hashlib.sha256(data).hexdigest()
-    write_marker(reader.path, names, files)
-    atomic_write_bytes(reader.path / "config.json", data)
+    finish_output(reader.path, names, {}, "config.json", data)
     return f"{path}: upgraded (model_type {OUTPUT_PREFIX + adapter.family}, {MODELING_FILE} written, {MARKER} added)"
