@@ -8,7 +8,7 @@ Python API (the same work as the command line, without a shell):
     model = sola_stream.load("runs/smol-20")                        # a transformers model
 
 Errors a user can fix raise sola_stream.errors.SolaError (InputError, OutputError) with a
-one-line message; a graceful stop raises sola_stream.stop.Interrupted.
+one-line message; a graceful stop raises sola_stream.pipeline.stop.Interrupted.
 """
 
 __version__ = "0.2.0"
@@ -21,7 +21,7 @@ def compress(model, output, *, ratio: float = 0.2, method: str = "sola", overwri
     `options` are the CLI's compress options as keywords (prime_ratio, ratio_of, calib, nsamples,
     seqlen, seed, device, propagate, batch_tokens, max_gpu_memory, max_host_memory, threads).
     Returns an engine.Summary (achieved ratios, seconds, peak memory, ...)."""
-    from .engine import CompressOptions, compress as _compress
+    from sola_stream.pipeline.engine import CompressOptions, compress as _compress
 
     return _compress(str(model), str(output), CompressOptions(ratio=ratio, method=method, **options),
                      progress=progress, overwrite=overwrite)
@@ -31,7 +31,7 @@ def evaluate(model, text=None, *, seqlen: int = 1024, max_windows: int | None = 
              batch_tokens: int | None = None, threads: int | None = None, progress: bool = True):
     """Perplexity of a dense checkpoint or an output on `text` (a file; default: the shipped
     WikiText-2 test split), streamed one block at a time. Returns an evaluate.EvalResult."""
-    from .perplexity import perplexity
+    from sola_stream.evaluation.perplexity import perplexity
 
     return perplexity(str(model), None if text is None else str(text), seqlen=seqlen, max_windows=max_windows,
                       device=device, batch_tokens=batch_tokens, progress=progress, threads=threads)
@@ -39,6 +39,6 @@ def evaluate(model, text=None, *, seqlen: int = 1024, max_windows: int | None = 
 
 def load(path, dtype=None, device="cpu"):
     """A torch CausalLM from a compressed (or dense) sola_stream output directory."""
-    from .loading import load as _load
+    from sola_stream.pipeline.loading import load as _load
 
     return _load(path, dtype=dtype, device=device)

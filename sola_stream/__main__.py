@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from sola_stream.cli import main
 
 sys.exit(main())

@@ -8,10 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
-from .calibration import DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN
-from .errors import SolaError
-from .stop import Interrupted
+from sola_stream import __version__
+from sola_stream.storage.calibration import DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN
+from sola_stream.errors import SolaError
+from sola_stream.pipeline.stop import Interrupted
 
 EPILOG = """exit codes: 0 done; 1 unexpected error (bug: please report with the traceback);
 2 bad input or options (one-line message names the file, tensor or option);
@@ -149,7 +149,7 @@ def _run_options(c: argparse.ArgumentParser) -> None:
 
 
 def _options(args):
-    from .engine import CompressOptions
+    from sola_stream.pipeline.engine import CompressOptions
 
     return CompressOptions(method=args.method, ratio=args.ratio, ratio_of=args.ratio_of,
                            prime_ratio=args.prime_ratio, calib=args.calib,
@@ -202,8 +202,8 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _compress(args) -> int:
-    from .engine import compress
-    from .memory import PeakMemory, gib
+    from sola_stream.pipeline.engine import compress
+    from sola_stream.pipeline.memory import PeakMemory, gib
 
     opts = _options(args)
     with PeakMemory() as mem:  # the whole call (tokenization included); GPU peaks come from the engine
@@ -231,7 +231,7 @@ def _compress(args) -> int:
 
 
 def _plan(args) -> int:
-    from .plan import available_host_memory, make_plan, read_config
+    from sola_stream.pipeline.plan import available_host_memory, make_plan, read_config
 
     opts = _options(args)
     opts.validate(need_device=False)
@@ -252,7 +252,7 @@ def torch_cuda() -> bool:
 def _eval(args) -> int:
     if args.tasks is not None:
         return _zero_shot(args)
-    from .perplexity import perplexity
+    from sola_stream.evaluation.perplexity import perplexity
 
     r = perplexity(args.model, args.text, seqlen=args.seqlen, max_windows=args.max_windows, device=args.device,
                    batch_tokens=args.batch_tokens, progress=not args.no_progress, threads=args.threads)
@@ -261,7 +261,7 @@ def _eval(args) -> int:
     result = {"ppl": r.ppl, "nll": r.nll, "windows": r.windows, "seqlen": r.seqlen, "tokens": r.tokens,
               "text": r.text}
     if args.record:
-        from .card import record
+        from sola_stream.storage.card import record
 
         record(args.model, {"kind": "perplexity", **result, "text": Path(r.text).name})
     if args.json:
@@ -270,9 +270,9 @@ def _eval(args) -> int:
 
 
 def _zero_shot(args) -> int:
-    from .errors import InputError
-    from .tasks import parse_tasks
-    from .zeroshot import zero_shot
+    from sola_stream.errors import InputError
+    from sola_stream.evaluation.tasks import parse_tasks
+    from sola_stream.evaluation.zeroshot import zero_shot
 
     tasks = parse_tasks(args.tasks)
     if not args.data:
@@ -289,7 +289,7 @@ def _zero_shot(args) -> int:
     print(f"{'mean':<15} {r.mean_acc:>7.4f} {r.mean_acc_norm:>9.4f}   ({r.requests} requests, {r.tokens} tokens, "
           f"{r.seconds:.1f} s{', states spilled to disk' if r.spilled else ''})")
     if args.record:
-        from .card import record
+        from sola_stream.storage.card import record
 
         record(args.model, {"kind": "zero-shot", "limit": args.limit, **r.as_dict()})
     if args.json:
@@ -298,7 +298,7 @@ def _zero_shot(args) -> int:
 
 
 def _lmeval_tasks(args) -> int:
-    from .lmeval_tasks import write_tasks
+    from sola_stream.evaluation.lmeval_tasks import write_tasks
 
     names = write_tasks(args.data, args.out)
     print(f"wrote {len(names)} task configs to {args.out}: lm_eval --model hf --model_args "
@@ -307,14 +307,14 @@ def _lmeval_tasks(args) -> int:
 
 
 def _upgrade(args) -> int:
-    from .upgrade import upgrade
+    from sola_stream.storage.upgrade import upgrade
 
     print(upgrade(args.output))
     return 0
 
 
 def _inspect(args) -> int:
-    from .inspect import describe, plot, summary_dict
+    from sola_stream.evaluation.report import describe, plot, summary_dict
 
     info = summary_dict(args.output)
     if args.plot:

@@ -28,7 +28,7 @@ def output_hashes(out: Path) -> dict[str, str]:
     timestamps and timings differ between runs that write byte-identical models)."""
     import hashlib
 
-    from sola_stream.runlog import LOG_NAME
+    from sola_stream.storage.runlog import LOG_NAME
 
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())
             if p.is_file() and p.name != LOG_NAME}

@@ -1,10 +1,10 @@
-"""Checks for sola_stream.allocate (budgeted rank allocation) and modules.linear_params."""
+"""Checks for sola_stream.method.allocate (budgeted rank allocation) and modules.linear_params."""
 import pytest
 import torch
 
-from sola_stream.allocate import Candidate, allocate, factored_params, uniform_rank
-from sola_stream.decompose import max_useful_rank, spectrum
-from sola_stream.modules import layer_from_tensors, linear_params
+from sola_stream.method.allocate import Candidate, allocate, factored_params, uniform_rank
+from sola_stream.method.decompose import max_useful_rank, spectrum
+from sola_stream.nn.build import layer_from_tensors, linear_params
 
 SHAPES = [(24, 10), (10, 24), (16, 16), (40, 12), (3, 5), (1, 9), (30, 30)]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from sola_stream.checkpoint import INDEX_NAME
+from sola_stream.storage.checkpoint import INDEX_NAME
 from sola_stream.cli import main
 
 from conftest import CALIB_TEXT, make_tiny

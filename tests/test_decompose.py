@@ -1,10 +1,10 @@
-"""Float64 reference checks for sola_stream.decompose (whitening and truncated whitened SVD)."""
+"""Float64 reference checks for sola_stream.method.decompose (whitening and truncated whitened SVD)."""
 import math
 
 import pytest
 import torch
 
-from sola_stream.decompose import cholesky_whitener, max_useful_rank, spectrum
+from sola_stream.method.decompose import cholesky_whitener, max_useful_rank, spectrum
 
 F64 = torch.float64
 # (m, n): tall (right=True path), wide (right=False path), square (right=True path)
@@ -144,7 +144,7 @@ def test_block_digest_from_file_bytes_equals_digest_of_loaded_tensors(tmp_path, 
     """The resume check hashes input blocks straight from the shards; the compress step hashes the
     tensors it loaded. Both must give the same digest, for every block and the outer tensors."""
     from conftest import make_tiny
-    from sola_stream.checkpoint import CheckpointReader, tensors_digest
+    from sola_stream.storage.checkpoint import CheckpointReader, tensors_digest
 
     reader = CheckpointReader(make_tiny("qwen2", tmp_path / "m", tiny_tokenizer, shards=True))
     for i in range(3):

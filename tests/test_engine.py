@@ -9,14 +9,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import sola_stream
-from sola_stream.arch import adapter_for
-from sola_stream.calibration import calibration_windows, read_calibration_text, tokenize
-from sola_stream.checkpoint import CheckpointReader
+from sola_stream.families import adapter_for
+from sola_stream.storage.calibration import calibration_windows, read_calibration_text, tokenize
+from sola_stream.storage.checkpoint import CheckpointReader
 from sola_stream.cli import main
-from sola_stream.block_compress import compress_block
-from sola_stream.engine import CompressOptions, compress
-from sola_stream.perplexity import perplexity
-from sola_stream.modules import layer_from_tensors
+from sola_stream.method.block_compress import compress_block
+from sola_stream.pipeline.engine import CompressOptions, compress
+from sola_stream.evaluation.perplexity import perplexity
+from sola_stream.nn.build import layer_from_tensors
 
 from conftest import CALIB_TEXT
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import ROOT, make_tiny, output_hashes
-from sola_stream.engine import CompressOptions
-from sola_stream.plan import GIB, make_plan
+from sola_stream.pipeline.engine import CompressOptions
+from sola_stream.pipeline.plan import GIB, make_plan
 
 # a wide tiny model, so the calibration cache (windows x seqlen x hidden float32) dominates memory
 WIDE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from sola_stream.ownership import MARKER
-from sola_stream.runstate import RUN_DIR
+from sola_stream.storage.ownership import MARKER
+from sola_stream.pipeline.resume import RUN_DIR
 
 from test_bad_input import compress, error_line, model, small_calib, snapshot  # noqa: F401  (fixtures)
 

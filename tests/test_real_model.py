@@ -8,8 +8,8 @@ from transformers import AutoTokenizer
 
 import sola_stream
 from conftest import WIKI_TEST
-from sola_stream.engine import CompressOptions, compress
-from sola_stream.perplexity import perplexity
+from sola_stream.pipeline.engine import CompressOptions, compress
+from sola_stream.evaluation.perplexity import perplexity
 
 CALIB = dict(nsamples=16, seqlen=512)
 EVAL = dict(seqlen=512, max_windows=8)
@@ -82,9 +82,9 @@ def test_streamed_zero_shot_agrees_with_lm_eval(results, smollm2, tmp_path):
     from lm_eval.tasks import TaskManager
 
     from conftest import SHARED
-    from sola_stream.lmeval_tasks import write_tasks
-    from sola_stream.tasks import TASKS
-    from sola_stream.zeroshot import zero_shot
+    from sola_stream.evaluation.lmeval_tasks import write_tasks
+    from sola_stream.evaluation.tasks import TASKS
+    from sola_stream.evaluation.zeroshot import zero_shot
 
     data = SHARED / "data" / "zeroshot"
     write_tasks(str(data), str(tmp_path / "tasks"))

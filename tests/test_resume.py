@@ -12,9 +12,9 @@ import time
 import pytest
 
 from conftest import make_tiny, output_hashes
-from sola_stream.runlog import read_log
-from sola_stream.runstate import LOCK, RUN_DIR
-from sola_stream.stop import EXIT_INTERRUPTED
+from sola_stream.storage.runlog import read_log
+from sola_stream.pipeline.resume import LOCK, RUN_DIR
+from sola_stream.pipeline.stop import EXIT_INTERRUPTED
 
 ARGS = ["--ratio", "0.3", "--nsamples", "6", "--seqlen", "48", "--batch-tokens", "96", "--no-progress"]
 
@@ -151,7 +151,7 @@ HOLD_LOCK = """
 import sys, time
 from pathlib import Path
 from sola_stream.errors import OutputError
-from sola_stream.lock import DirLock
+from sola_stream.storage.lock import DirLock
 path, start, hold = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 time.sleep(max(0.0, start - time.time()))
 try:

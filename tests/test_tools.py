@@ -9,9 +9,9 @@ from safetensors import safe_open
 import sola_stream
 from conftest import ROOT_TOOLS
 from make_synthetic_checkpoint import block_shapes, make_checkpoint
-from sola_stream.checkpoint import CheckpointReader
-from sola_stream.engine import CompressOptions, compress
-from sola_stream.plan import Shapes
+from sola_stream.storage.checkpoint import CheckpointReader
+from sola_stream.pipeline.engine import CompressOptions, compress
+from sola_stream.pipeline.plan import Shapes
 
 
 def test_real_configs_give_published_parameter_counts():

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import sola_stream
-from sola_stream.engine import CompressOptions, compress
-from sola_stream.output import MODELING_SOURCE
+from sola_stream.pipeline.engine import CompressOptions, compress
+from sola_stream.storage.output import MODELING_SOURCE
 
 from conftest import make_tiny
 
@@ -94,8 +94,8 @@ def test_output_of_version_01_is_upgraded_in_place(tiny_tokenizer, tmp_path, cap
     sola_stream.load warns how to upgrade; `sola-stream upgrade` makes it load with transformers
     alone, tensors untouched; a second upgrade is a no-op."""
     from sola_stream.cli import main
-    from sola_stream.ownership import MARKER
-    from sola_stream.runlog import LOG_NAME
+    from sola_stream.storage.ownership import MARKER
+    from sola_stream.storage.runlog import LOG_NAME
 
     model = make_tiny("llama", tmp_path / "llama", tiny_tokenizer)
     out = tmp_path / "out"
@@ -128,7 +128,7 @@ def test_shared_input_factors_run_as_one_matmul(tiny_tokenizer, tmp_path):
     """svd-llm factors every layer: q/k/v and gate/up fuse at load (one right-hand matmul per
     group, parameters become views of one buffer, nothing added to the state dict), with the
     logits of the unfused layers."""
-    from sola_stream.modeling_sola import FactoredLinear, NeuronSplitLinear
+    from sola_stream.nn.modeling_sola import FactoredLinear, NeuronSplitLinear
 
     model = make_tiny("llama", tmp_path / "llama", tiny_tokenizer)
     for method in ("svd-llm", "sola"):

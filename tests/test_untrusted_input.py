@@ -22,11 +22,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sola_stream
-from sola_stream.checkpoint import INDEX_NAME
+from sola_stream.storage.checkpoint import INDEX_NAME
 from sola_stream.cli import main
 from sola_stream.errors import InputError
-from sola_stream.output import MODELING_SOURCE
-from sola_stream.runlog import LOG_NAME
+from sola_stream.storage.output import MODELING_SOURCE
+from sola_stream.storage.runlog import LOG_NAME
 
 from conftest import ROOT, make_tiny
 from test_bad_input import (FAST, PREFIX, assert_refused, compress, error_line, model, shard_of, shards,  # noqa: F401

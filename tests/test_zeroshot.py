@@ -10,12 +10,12 @@ import torch
 
 import sola_stream
 from sola_stream.cli import main
-from sola_stream.engine import CompressOptions, compress
+from sola_stream.pipeline.engine import CompressOptions, compress
 from sola_stream.errors import InputError
-from sola_stream.lmeval_tasks import write_tasks
-from sola_stream.perplexity import open_model
-from sola_stream.tasks import TASKS, load_task, parse_tasks
-from sola_stream.zeroshot import encode_pair, loglikelihoods, zero_shot
+from sola_stream.evaluation.lmeval_tasks import write_tasks
+from sola_stream.evaluation.perplexity import open_model
+from sola_stream.evaluation.tasks import TASKS, load_task, parse_tasks
+from sola_stream.evaluation.zeroshot import encode_pair, loglikelihoods, zero_shot
 
 from conftest import SHARED, make_tiny
 

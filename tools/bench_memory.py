@@ -35,14 +35,14 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from make_synthetic_checkpoint import make_checkpoint  # noqa: E402
 
-import sola_stream.engine as engine  # noqa: E402
-from sola_stream.checkpoint import CheckpointReader  # noqa: E402
-from sola_stream.block_compress import compress_block  # noqa: E402
-from sola_stream.memory import PeakMemory  # noqa: E402
-from sola_stream.modules import build_block  # noqa: E402
-from sola_stream.plan import GIB, make_plan  # noqa: E402
-from sola_stream.skeleton import Skeleton  # noqa: E402
-from sola_stream.stats import BlockStats, run_block  # noqa: E402
+import sola_stream.pipeline.engine as engine  # noqa: E402
+from sola_stream.storage.checkpoint import CheckpointReader  # noqa: E402
+from sola_stream.method.block_compress import compress_block  # noqa: E402
+from sola_stream.pipeline.memory import PeakMemory  # noqa: E402
+from sola_stream.nn.build import build_block  # noqa: E402
+from sola_stream.pipeline.plan import GIB, make_plan  # noqa: E402
+from sola_stream.pipeline.skeleton import Skeleton  # noqa: E402
+from sola_stream.pipeline.block_forward import BlockStats, run_block  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from sola_stream.lmeval_tasks import write_tasks
-from sola_stream.tasks import TASKS
-from sola_stream.zeroshot import zero_shot
+from sola_stream.evaluation.lmeval_tasks import write_tasks
+from sola_stream.evaluation.tasks import TASKS
+from sola_stream.evaluation.zeroshot import zero_shot
 
 
 def lm_eval_scores(model: str, tasks_dir: str, limit: int | None, batch_size: int, device: str) -> dict:

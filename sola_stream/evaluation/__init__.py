@@ -1,0 +1,1 @@
+"""Scoring models block by block: perplexity, zero-shot tasks, lm-eval configs, reports."""

@@ -1,0 +1,1 @@
+"""Pure math: whitening, decomposition, rank allocation, one block's compression."""

@@ -1,0 +1,1 @@
+"""The block loop: skeleton, forward passes and statistics, state cache, resume, plan, memory."""

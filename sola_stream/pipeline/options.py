@@ -1,0 +1,79 @@
+"""Options of a compression run: what the user asked for, checked, and which of them change the
+output bytes (the run fingerprint)."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from sola_stream.method.block_compress import METHODS
+from sola_stream.storage.calibration import DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN
+from sola_stream.errors import InputError
+
+PROPAGATE = ("compressed", "original")
+
+
+@dataclass
+class CompressOptions:
+    method: str = "sola"
+    ratio: float = 0.2
+    ratio_of: str = "blocks"  # "blocks": of the block linear weights; "model": of all parameters
+    prime_ratio: float = 0.15
+    calib: str | None = None
+    nsamples: int = DEFAULT_NSAMPLES
+    seqlen: int = DEFAULT_SEQLEN
+    seed: int = DEFAULT_SEED
+    device: str = "auto"
+    propagate: str = "compressed"
+    batch_tokens: int | None = None  # tokens per forward chunk (None: planned from the device budget)
+    max_gpu_memory: float | None = None  # GiB; None: the device's total memory
+    max_host_memory: float | None = None  # GiB; None: the host's available memory at the start
+    threads: int | None = None  # CPU threads; None: what affinity, cgroup quota and SLURM allow
+    model_ratio: float | None = None  # the --ratio-of model target this ratio was derived from
+
+    def validate(self, need_device: bool = True) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"--method: {self.method!r} is not one of {', '.join(METHODS)}")
+        if not 0.0 < self.ratio < 1.0:
+            raise InputError(f"--ratio: {self.ratio} is out of range (0, 1)")
+        if self.ratio_of not in ("blocks", "model"):
+            raise InputError(f"--ratio-of: {self.ratio_of!r} is not blocks or model")
+        if not 0.0 <= self.prime_ratio < 1.0:
+            raise InputError(f"--prime-ratio: {self.prime_ratio} is out of range [0, 1)")
+        if self.propagate not in PROPAGATE:
+            raise InputError(f"--propagate: {self.propagate!r} is not one of {', '.join(PROPAGATE)}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise InputError(f"--device: {self.device!r} is not cpu, cuda or cuda:N")
+        if need_device and self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError(f"--device {self.device}: CUDA is not available on this machine")
+        if self.nsamples < 1 or self.seqlen < 2 or (self.batch_tokens is not None and self.batch_tokens < 1):
+            raise InputError("--nsamples, --seqlen and --batch-tokens must be positive (seqlen >= 2)")
+        if self.threads is not None and not 1 <= self.threads <= 4096:
+            raise InputError(f"--threads: {self.threads} is out of range [1, 4096]")
+        if not 0 <= self.seed < 2**64:
+            raise InputError(f"--seed: {self.seed} is out of range [0, 2**64)")
+        for name in ("max_gpu_memory", "max_host_memory"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise InputError(f"--{name.replace('_', '-')}: {value} GiB is not a positive number")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def plan_device(self) -> torch.device:
+        """The device a plan is for: as resolved_device, but `cuda` may be planned without a GPU."""
+        return self.resolved_device() if self.device == "auto" else torch.device(self.device)
+
+    def result_options(self, device: torch.device) -> dict:
+        """Every option that changes the output bytes (the run fingerprint)."""
+        opts = asdict(self)
+        opts.pop("calib")  # its content is fingerprinted by hash instead
+        for budget in ("max_gpu_memory", "max_host_memory", "threads"):  # they change where, not what
+            opts.pop(budget)
+        opts["device"] = device.type
+        if self.method != "sola":
+            opts["prime_ratio"] = 0.0
+        return opts

@@ -1,0 +1,288 @@
+"""Per-block commit, resume and its integrity checks for one output directory.
+
+An output directory is ours only when it holds the `.sola-stream.json` marker (storage/ownership.py).
+While a run is unfinished it also holds `.sola-run/`:
+- `manifest.json`: the run's fingerprint, the SHA-256 of the outer input tensors, the current
+  states file's SHA-256 and one entry per finished block (shard SHA-256, input-tensor digest):
+  the commit record.
+- `states-NNNNN.safetensors`: the calibration states entering block NNNNN (float32), so that a
+  resumed run starts there without replaying finished blocks.
+`.sola-stream.lock` (storage/lock.py) is held by the writing process. Commit order per block: shard
+(temp name, fsync, rename) -> next states (same) -> manifest (same; the commit point) -> the
+previous states file is deleted. Before a resume, everything the manifest records is verified.
+See docs/RESUME.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from sola_stream import __version__, faults
+from sola_stream.storage.checkpoint import CheckpointReader
+from sola_stream.storage.atomic import atomic_write_json, file_sha256, fsync_dir
+from sola_stream.errors import OutputError
+from sola_stream.storage.lock import DirLock
+from sola_stream.storage.ownership import MARKER, finish_output, foreign_planned, read_marker, remove_ours, verify_files, write_marker
+from sola_stream.storage.output import block_shard_name
+from sola_stream.pipeline.state_cache import states_file
+
+RUN_DIR = ".sola-run"
+MANIFEST = "manifest.json"
+LOCK = ".sola-stream.lock"
+MANIFEST_VERSION = 2
+_HASH_EDGE = 1 << 20  # bytes hashed at each end of an input file (with its header and size)
+_REDO = "run with --overwrite to start over"
+
+
+def file_fingerprint(path: Path) -> dict:
+    """Name, size and a SHA-256 over the safetensors header and the first and last MiB: a cheap
+    first check on every start. Content changes inside finished blocks are caught by their
+    input digests (RunDir.verify)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        h.update(head)
+        if len(head) == 8:
+            h.update(fh.read(min(int.from_bytes(head, "little"), 100 << 20)))
+        fh.seek(0)
+        h.update(fh.read(_HASH_EDGE))
+        fh.seek(max(0, size - _HASH_EDGE))
+        h.update(fh.read(_HASH_EDGE))
+    return {"name": path.name, "size": size, "sha256_header_edges": h.hexdigest()}
+
+
+def fingerprint(reader: CheckpointReader, options: dict, calib_sha256: str) -> dict:
+    return {
+        "package_version": __version__,
+        "input_files": [file_fingerprint(p) for p in reader.files],
+        "config_sha256": hashlib.sha256(json.dumps(reader.config_dict, sort_keys=True).encode()).hexdigest(),
+        "calibration_sha256": calib_sha256,
+        "options": options,
+    }
+
+
+def _classify(out: Path) -> dict | None:
+    """None for a new or empty directory, the marker for one of ours; anything else is refused."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory")
+    if not out.is_dir():
+        return None
+    try:
+        names = {p.name for p in out.iterdir()} - {LOCK}
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot list the output directory ({exc.strerror})") from None
+    if not names:
+        return None
+    if MARKER not in names:
+        raise OutputError(f"{out}: directory holds files that sola-stream did not write (no {MARKER}); "
+                          "choose a new or empty output directory")
+    return read_marker(out)
+
+
+class RunDir:
+    """The run state of one output directory; a context manager that holds the lock while writing.
+
+    `planned`: every file name the run will write at the top of the directory."""
+
+    def __init__(self, out_dir: Path, fp: dict, planned: list[str], overwrite: bool = False):
+        self.out_dir, self.fp, self.planned = out_dir, fp, planned
+        self.dir = out_dir / RUN_DIR
+        self.finished = False
+        self._lock: DirLock | None = None
+        marker = _classify(out_dir)
+        if marker and self._finished(marker) and not overwrite:
+            self._check_finished(marker)
+            return
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{out_dir}: cannot create the output directory ({exc.strerror})") from None
+        self._lock = DirLock(out_dir / LOCK, str(out_dir)).acquire()
+        try:
+            marker = _classify(out_dir)  # again, now that no other process can change it
+            if marker is None or overwrite:  # a new run: no file of the user's may stand in its way
+                ours = set(marker["planned"]) | set(marker.get("files", {})) if marker else set()
+                if clash := foreign_planned(out_dir, [p for p in planned if p not in ours]):
+                    raise OutputError(f"{out_dir / clash}: exists and would be replaced by the output; move it away")
+            if marker and overwrite:
+                remove_ours(out_dir, marker)
+                shutil.rmtree(self.dir, ignore_errors=True)
+                marker = None
+            if marker is None:
+                write_marker(out_dir, planned)
+                self.dir.mkdir(exist_ok=True)
+                self.manifest = {"format_version": MANIFEST_VERSION, "fingerprint": fp, "outer_sha256": None,
+                                 "states": None, "blocks": []}
+                atomic_write_json(self.dir / MANIFEST, self.manifest)
+            elif self._finished(marker):  # finished by another process meanwhile
+                self._check_finished(marker)
+                self.release()
+            else:
+                self.manifest = self._load_manifest()
+        except BaseException:
+            self.release()
+            raise
+
+    # -- opening -------------------------------------------------------------------------------
+    def _finished(self, marker: dict) -> bool:
+        return bool(marker.get("complete")) and not (self.dir / MANIFEST).exists()
+
+    def _check_finished(self, marker: dict) -> None:
+        """The same run finished earlier: its fingerprint matches and every file is intact."""
+        config = self.out_dir / "config.json"
+        try:
+            old = json.loads(config.read_text())["sola"]["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise OutputError(f"{config}: missing or damaged in a finished output; {_REDO}") from None
+        if old != self.fp:
+            raise OutputError(f"{self.out_dir}: holds a finished run with a different model or options "
+                              f"({_first_difference(old if isinstance(old, dict) else {}, self.fp)}); "
+                              "use --overwrite to start over")
+        verify_files(self.out_dir, marker.get("files", {}), _REDO)
+        self.finished = True
+
+    def _load_manifest(self) -> dict:
+        path = self.dir / MANIFEST
+        try:
+            m = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise OutputError(f"{path}: missing from an unfinished run; {_REDO}") from None
+        except (OSError, ValueError) as exc:
+            raise OutputError(f"{path}: damaged run manifest ({exc}); {_REDO}") from None
+        if not _valid_manifest(m):
+            raise OutputError(f"{path}: damaged run manifest or one of another sola-stream version; {_REDO}")
+        if m["fingerprint"] != self.fp:
+            diff = _first_difference(m["fingerprint"], self.fp)
+            raise OutputError(f"{self.out_dir}: holds an unfinished run of a different model or options "
+                              f"({diff}); run the same command to resume, or --overwrite to start over")
+        return m
+
+    def verify(self, outer_digest: str, block_digest, workers: int = 1, progress=None) -> None:
+        """Before resuming: the outer input tensors, the states file, and each committed block's
+        shard and input tensors (`block_digest(i)`) are exactly what the manifest recorded.
+        Blocks are hashed on `workers` threads (hashlib releases the GIL); errors are reported in
+        block order."""
+        m = self.manifest
+        if m["outer_sha256"] is not None and m["outer_sha256"] != outer_digest:
+            raise OutputError(f"{self.out_dir}: the input model's embeddings/head changed since this run started; "
+                              f"{_REDO}")
+        if m["states"] is not None:
+            path = self.states_path(self.next_block)
+            if not path.is_file():
+                raise OutputError(f"{path}: calibration states of the unfinished run are missing; {_REDO}")
+            if file_sha256(path) != m["states"]["sha256"]:
+                raise OutputError(f"{path}: calibration states damaged (checksum differs from the manifest); {_REDO}")
+
+        def check(entry: dict) -> str | None:
+            shard = self.out_dir / entry["shard"]
+            if not shard.is_file():
+                return f"{shard}: committed block shard is missing; {_REDO}"
+            if file_sha256(shard) != entry["shard_sha256"]:
+                return f"{shard}: damaged (checksum differs from the manifest); {_REDO}"
+            if block_digest(entry["block"]) != entry["input_sha256"]:
+                return f"{self.out_dir}: the input model's block {entry['block']} changed since it was compressed; {_REDO}"
+            return None
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for problem in pool.map(check, m["blocks"]):
+                if problem:
+                    raise OutputError(problem)
+                if progress is not None:
+                    progress()
+
+    # -- progress ------------------------------------------------------------------------------
+    @property
+    def next_block(self) -> int:
+        return len(self.manifest["blocks"])
+
+    def states_path(self, block: int) -> Path:
+        return states_file(self.dir, block)
+
+    def commit_start(self, outer_digest: str, states_sha256: str) -> None:
+        """The first block's states are durable: recorded with the outer tensors' digest."""
+        self.manifest["outer_sha256"] = outer_digest
+        self.manifest["states"] = {"block": 0, "sha256": states_sha256}
+        atomic_write_json(self.dir / MANIFEST, self.manifest)
+
+    def commit_block(self, index: int, entry: dict, persist_states) -> None:
+        """Called after block `index`'s shard is durable (its SHA-256 in `entry`):
+        `persist_states()` makes the next block's states durable and returns their SHA-256
+        (None after the last block), then the manifest commits."""
+        if persist_states is not None:
+            self.manifest["states"] = {"block": index + 1, "sha256": persist_states()}
+        else:
+            self.manifest["states"] = None
+        self.manifest["blocks"].append(entry)
+        atomic_write_json(self.dir / MANIFEST, self.manifest)
+        self.states_path(index).unlink(missing_ok=True)
+
+    def cleanup_orphans(self) -> None:
+        """Temp files and uncommitted states left by a crash (they are rewritten anyway)."""
+        for p in self.dir.glob("states-*.safetensors"):
+            if p != self.states_path(self.next_block):
+                p.unlink()
+        for p in [*self.dir.glob(".*.tmp"), *self.out_dir.glob(".*.tmp")]:
+            p.unlink()
+
+    def complete(self, last_name: str, last_data: bytes) -> None:
+        """Finish the output: record every file's checksum in the marker, write the last file
+        (config.json, the one that makes the directory a model), then drop the run state. A
+        failure before the last rename leaves an unfinished run that the same command completes."""
+        finish_output(self.out_dir, self.planned, {e["shard"]: e["shard_sha256"] for e in self.manifest["blocks"]},
+                      last_name, last_data)
+        faults.hit("config_written")
+        shutil.rmtree(self.dir)
+        self.release()
+        fsync_dir(self.out_dir)
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _valid_manifest(m) -> bool:
+    """Types of everything the resume reads (a manifest is data a user or a crash could damage)."""
+    if not isinstance(m, dict) or m.get("format_version") != MANIFEST_VERSION:
+        return False
+    if not isinstance(m.get("fingerprint"), dict) or not isinstance(m.get("blocks"), list):
+        return False
+    if not (m.get("outer_sha256") is None or isinstance(m["outer_sha256"], str)):
+        return False
+    states = m.get("states")
+    if not (states is None or (isinstance(states, dict) and isinstance(states.get("sha256"), str)
+                               and states.get("block") == len(m["blocks"]))):
+        return False
+    for i, b in enumerate(m["blocks"]):
+        if not isinstance(b, dict) or b.get("block") != i or b.get("shard") != block_shard_name(i):
+            return False
+        if not all(isinstance(b.get(k), str) for k in ("shard_sha256", "input_sha256")):
+            return False
+        if not isinstance(b.get("layers"), dict) or not all(isinstance(b.get(k), int) for k in ("dense_params", "kept_params")):
+            return False
+    return True
+
+
+def _first_difference(old: dict, new: dict, path: str = "") -> str:
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                return _first_difference(a, b, f"{path}{key}.")
+            return f"{path}{key} was {_short(a)}, now {_short(b)}"
+    return "fingerprint differs"
+
+
+def _short(v) -> str:
+    s = json.dumps(v)
+    return s if len(s) < 80 else s[:77] + "..."

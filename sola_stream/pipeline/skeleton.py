@@ -1,0 +1,148 @@
+"""The model outside its decoder blocks, plus empty (meta) blocks to fill one at a time.
+
+A skeleton is the family's own transformers CausalLM built on the meta device. Only the parts
+outside the blocks (embeddings, final norm, head, rotary tables) get real weights. Its blocks are
+swapped for recorders, so one forward over token ids yields the first block's input and the exact
+keyword arguments (masks, position embeddings) that the family passes to every block.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from sola_stream.families import Adapter, adapter_for, adapter_for_dict, base_model_type
+from sola_stream.storage.checkpoint import CheckpointReader
+from sola_stream.errors import InputError
+from sola_stream.storage.input_checks import check_config, check_layer_count, check_tensors
+
+# tensors some older checkpoints carry that the model recomputes (ignored when read)
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    """Stands in for block `index`: records what the model passes it, returns its input."""
+
+    def __init__(self, index: int, last: bool, sink: dict):
+        super().__init__()
+        self.index, self.last, self.sink = index, last, sink
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise RuntimeError("decoder blocks are expected to take keyword arguments after hidden_states")
+        self.sink.setdefault("hidden", hidden_states)
+        self.sink.setdefault("kwargs", {})[self.index] = kwargs
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+def load_config(reader: CheckpointReader):
+    """The transformers config, after the checks that need no model: family, field types and
+    bounds, and the layer count against the checkpoint's tensor names. An output's config
+    (model_type "sola_<family>") is read as its family's config."""
+    where = str(reader.path / "config.json")
+    # refuse unknown families before transformers does (its message is long and suggests upgrading)
+    adapter = adapter_for_dict(reader.config_dict, where)
+    check_config(reader.config_dict, where)
+    check_layer_count(reader.weight_map, adapter.layers_path, reader.config_dict["num_hidden_layers"], where)
+    family = base_model_type(reader.config_dict)
+    try:
+        if family != reader.config_dict.get("model_type"):
+            config = CONFIG_MAPPING[family].from_dict(
+                {k: v for k, v in reader.config_dict.items() if k not in ("model_type", "auto_map")})
+        else:
+            config = AutoConfig.from_pretrained(str(reader.path))
+    except Exception as exc:
+        raise InputError(f"{where}: cannot be read as a transformers config ({exc})") from None
+    # sdpa takes is_causal when no mask is given; eager would need a mask for every batch shape
+    config._attn_implementation = "sdpa"
+    return config
+
+
+class Skeleton:
+    def __init__(self, reader: CheckpointReader, dtype: torch.dtype = torch.float32):
+        self.reader = reader
+        self.config = load_config(reader)
+        self.adapter: Adapter = adapter_for(self.config, str(reader.path / "config.json"))
+        self.dtype = dtype
+        try:
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        except Exception as exc:  # e.g. widths that do not divide into heads
+            raise InputError(f"{reader.path / 'config.json'}: cannot build the model it describes "
+                             f"({type(exc).__name__}: {exc})") from None
+        layers = model.get_submodule(self.adapter.layers_path)
+        self.num_blocks = len(layers)
+        self._meta_blocks = list(layers)
+        if "sola" not in reader.config_dict:  # dense blocks: names and shapes known before any work
+            for i in range(self.num_blocks):
+                self.check_block(i)
+        self._sink: dict = {}
+        recorders = [_Recorder(i, i == self.num_blocks - 1, self._sink) for i in range(self.num_blocks)]
+        model.set_submodule(self.adapter.layers_path, nn.ModuleList(recorders))
+        self._load_outer(model)
+        self.model = model.eval()
+
+    def _load_outer(self, model: nn.Module) -> None:
+        """Embeddings, final norm and head: names and shapes checked against the model first."""
+        prefix = self.adapter.layers_path + "."
+        names = [n for n in self.reader.names() if not n.startswith(prefix) and not n.endswith(IGNORED_SUFFIXES)]
+        head = self.adapter.head_path + ".weight"
+        tied = getattr(self.config, "tie_word_embeddings", False) and head not in names
+        expected = {n: tuple(t.shape) for n, t in model.state_dict().items()
+                    if not n.startswith(prefix) and not (tied and n == head)}
+        check_tensors(expected, {n: self.reader.shape(n) for n in names}, "", str(self.reader.path))
+        state = {}
+        for name in names:
+            t = self.reader.get(name)
+            if not torch.isfinite(t).all():
+                raise InputError(f"{self.reader.path / self.reader.weight_map[name]}: tensor {name!r} has NaN or Inf")
+            state[name] = t.to(self.dtype)
+        model.load_state_dict(state, strict=False, assign=True)
+        if tied:
+            model.get_submodule(self.adapter.head_path).weight = model.get_input_embeddings().weight
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    def block_names(self, index: int) -> set[str]:
+        """Parameter and persistent-buffer names of one block, relative to its prefix."""
+        return set(self._meta_blocks[index].state_dict().keys())
+
+    def check_block(self, index: int) -> None:
+        """A dense block's tensor names and shapes in the checkpoint equal the model's."""
+        prefix = self.adapter.block_prefix(index)
+        expected = {n: tuple(t.shape) for n, t in self._meta_blocks[index].state_dict().items()}
+        actual = {n[len(prefix):]: self.reader.shape(n) for n in self.reader.names(prefix)
+                  if not n.endswith(IGNORED_SUFFIXES)}
+        check_tensors(expected, actual, prefix, str(self.reader.path))
+
+    def meta_block(self, index: int) -> nn.Module:
+        """A fresh empty copy of block `index` (parameters on the meta device)."""
+        return copy.deepcopy(self._meta_blocks[index])
+
+    @torch.no_grad()
+    def embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, dict]]:
+        """First block's input for `input_ids` (batch x seq) and each block's keyword arguments."""
+        self._sink.clear()
+        try:
+            self.model(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+        return self._sink["hidden"], self._sink["kwargs"]
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        norm = self.model.get_submodule(self.adapter.norm_path)
+        head = self.model.get_submodule(self.adapter.head_path)
+        return head(norm(hidden))

@@ -1,0 +1,1 @@
+"""Files: checkpoint reading, atomic writes, output layout and ownership, calibration text."""
