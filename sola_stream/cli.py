@@ -231,11 +231,15 @@ def _compress(args) -> int:
 
 
 def _plan(args) -> int:
-    from sola_stream.pipeline.plan import available_host_memory, make_plan, read_config
+    from sola_stream.pipeline.plan import available_host_memory, make_plan
+    from sola_stream.storage.checkpoint import read_config
+    from sola_stream.families import family_for_dict
+    from sola_stream.storage.input_checks import check_config
 
     opts = _options(args)
     opts.validate(need_device=False)
-    cfg = read_config(args.model)
+    cfg, where = read_config(args.model)
+    check_config(family_for_dict(cfg, str(where)).text(cfg, str(where)), str(where))
     device = opts.plan_device()
     p = make_plan(cfg, opts, device, budget_host=None if opts.max_host_memory else available_host_memory(),
                   measure=not args.no_measure and (device.type == "cpu" or torch_cuda()))
@@ -307,7 +311,7 @@ def _lmeval_tasks(args) -> int:
 
 
 def _upgrade(args) -> int:
-    from sola_stream.storage.upgrade import upgrade
+    from sola_stream.pipeline.upgrade import upgrade
 
     print(upgrade(args.output))
     return 0

@@ -7,21 +7,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT_TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(ROOT_TOOLS))
-from make_synthetic_checkpoint import train_tokenizer  # noqa: E402  (shared with the tool)
+from make_synthetic_checkpoint import train_tokenizer  # noqa: E402  (shared with the tools)
+from tiny_models import ALL_FAMILIES, TINY, make_tiny  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SOLA_SHARED", ROOT.parent / "shared"))
 WIKI_TEST = SHARED / "data" / "wikitext-2" / "wiki.test.raw"
 CALIB_TEXT = ROOT / "sola_stream" / "data" / "wiki.valid.tokens"
 SMOLLM2 = Path(os.environ.get("SOLA_SMOLLM2", ROOT / "models" / "smollm2-135m"))
-
-TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-
 
 def output_hashes(out: Path) -> dict[str, str]:
     """sha256 of every file of an output directory, keyed by name, except the run log (its
@@ -39,34 +35,10 @@ def tiny_tokenizer():
     return train_tokenizer(TINY["vocab_size"])
 
 
-def make_tiny(family: str, out: Path, tokenizer, shards: bool = True, **overrides) -> Path:
-    """Save a random tiny model of `family` (llama, mistral, qwen2, qwen3) with the tokenizer to `out`."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
-
-    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-               "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
-    config_cls, model_cls = classes[family]
-    params = {**TINY, **overrides}
-    if family == "llama":
-        params.setdefault("tie_word_embeddings", True)
-    config = config_cls(**params)
-    torch.manual_seed(1234)
-    model = model_cls(config).to(torch.bfloat16)
-    # larger weights than the 0.02 init, so blocks do more than pass the residual through
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
-                p.normal_(0, 1.0 / p.shape[1] ** 0.5)
-    model.save_pretrained(out, max_shard_size="200KB" if shards else "1GB")
-    tokenizer.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, tiny_tokenizer):
     base = tmp_path_factory.mktemp("tiny")
-    return {f: make_tiny(f, base / f, tiny_tokenizer) for f in ("llama", "mistral", "qwen2")}
+    return {f: make_tiny(f, base / f, tiny_tokenizer) for f in ALL_FAMILIES}
 
 
 @pytest.fixture(scope="session")

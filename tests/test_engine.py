@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import sola_stream
-from sola_stream.families import adapter_for
+from sola_stream.families import FAMILIES, family_for
 from sola_stream.storage.calibration import calibration_windows, read_calibration_text, tokenize
 from sola_stream.storage.checkpoint import CheckpointReader
 from sola_stream.cli import main
@@ -18,7 +18,7 @@ from sola_stream.pipeline.engine import CompressOptions, compress
 from sola_stream.evaluation.perplexity import perplexity
 from sola_stream.nn.build import layer_from_tensors
 
-from conftest import CALIB_TEXT
+from conftest import ALL_FAMILIES, CALIB_TEXT
 
 OPTS = dict(nsamples=8, seqlen=64, batch_tokens=128)
 
@@ -33,26 +33,25 @@ def in_memory_reference(model_dir, opts: CompressOptions, tokenizer):
     """The same algorithm without streaming: the whole HF model in memory, statistics of block i
     gathered with hooks while running the full model whose blocks < i are already compressed."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    adapter = adapter_for(model.config)
+    family = family_for(model.config)
     text, _ = read_calibration_text(opts.calib)
     windows = calibration_windows(tokenize(tokenizer, text, False), opts.nsamples, opts.seqlen, opts.seed, "t")
     batch = max(1, opts.batch_tokens // opts.seqlen)
-    layers = model.get_submodule(adapter.layers_path)
+    layers = model.get_submodule(family.layers_path)
     reader = CheckpointReader(model_dir)
     expected = {}
     for i, layer in enumerate(layers):
         covs, abs_sum, tokens = {}, None, 0
-        groups = {adapter.qkv[0]: "attn_in", adapter.out_proj: "attn_out", adapter.ffn_in[0]: "ffn_in",
-                  adapter.ffn_out: "ffn_mid"}
+        groups = {g.linears[0]: g.key for g in family.groups}
 
         def hook_for(key):
             def hook(mod, args):
                 nonlocal abs_sum, tokens
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
                 covs[key] = covs.get(key, 0) + x.T @ x
-                if key == "ffn_mid":
+                if key == family.neuron_key:
                     abs_sum = x.abs().sum(0) if abs_sum is None else abs_sum + x.abs().sum(0)
-                if key == "attn_in":
+                if key == family.groups[0].key:
                     tokens += x.shape[0]
             return hook
 
@@ -61,9 +60,9 @@ def in_memory_reference(model_dir, opts: CompressOptions, tokenizer):
             model.model(input_ids=windows[s:s + batch], use_cache=False)  # full prefix each time: no streaming
         for h in handles:
             h.remove()
-        prefix = adapter.block_prefix(i)
+        prefix = family.block_prefix(i)
         weights = reader.tensors(prefix)  # the original (bf16) weights, as the engine sees them
-        result = compress_block(weights, covs, abs_sum / tokens, adapter, opts.method, opts.ratio,
+        result = compress_block(weights, covs, abs_sum / tokens, family, opts.method, opts.ratio,
                                 opts.prime_ratio, torch.bfloat16)
         expected.update({prefix + k: v for k, v in result.tensors.items()})
         for name, spec in result.specs.items():
@@ -100,7 +99,7 @@ def test_loaded_logits_equal_engine_states(tiny_models, tmp_path):
     torch.testing.assert_close(logits, engine_logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 @pytest.mark.parametrize("method", ["sola", "svd-llm", "svd"])
 def test_family_compresses_reloads_generates(tiny_models, tmp_path, family, method, capsys):
     out = tmp_path / "out"
@@ -109,21 +108,39 @@ def test_family_compresses_reloads_generates(tiny_models, tmp_path, family, meth
     assert rc == 0
     assert "achieved ratio" in capsys.readouterr().out
     info = json.loads((out / "config.json").read_text())["sola"]
-    assert abs(info["achieved_ratio_blocks"] - 0.25) <= 0.005
+    # SoLA allocates one block budget; the uniform methods floor each layer's rank, and one rank of
+    # a 64-wide tiny layer is about 1% of it
+    assert abs(info["achieved_ratio_blocks"] - 0.25) <= (0.005 if method == "sola" else 0.01)
     assert info["achieved_ratio_model"] < info["achieved_ratio_blocks"]
     assert len(info["blocks"]) == 3
-    if method == "sola":
-        assert all(b["layers"]["mlp.gate_proj"]["prime"] == round(0.15 * 176) for b in info["blocks"])
+    neurons = FAMILIES[family].neurons
+    for b in info["blocks"]:
+        layers = b["layers"]
+        assert set(layers) == set(FAMILIES[family].linears)
+        if method == "sola":
+            assert layers[neurons.rows[0]]["prime"] == layers[neurons.cols]["prime"] == round(0.15 * 176)
+            assert layers[neurons.rows[0]].get("chunks", 1) == neurons.chunks
+        else:
+            assert all(spec["rank"] is not None for spec in layers.values())
     model = sola_stream.load(out)
     ids = torch.tensor([[5, 17, 42, 7]])
     gen = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert gen.shape == (1, 10)
-    # the reloaded model computes what the streamed evaluation computes
-    ref = perplexity(str(out), str(CALIB_TEXT), seqlen=64, max_windows=2, progress=False)
+    with torch.no_grad():  # greedy decoding follows the loaded model's own next-token argmax
+        assert int(gen[0, 4]) == int(model(ids).logits[0, -1].argmax())
+    # the streamed evaluation (one block at a time, the family's head) equals the in-memory forward
+    res = perplexity(str(out), str(CALIB_TEXT), seqlen=64, max_windows=2, progress=False)
+    from transformers import AutoTokenizer
+
+    windows = tokenize(AutoTokenizer.from_pretrained(out, trust_remote_code=True), CALIB_TEXT.read_text(),
+                       True)[: 2 * 64].view(2, 64)
+    with torch.no_grad():
+        logits = model(windows).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    assert res.tokens == 2 * 63 and abs(res.nll - float(nll)) < 1e-4, (res.nll, float(nll))
     rc = main(["inspect", str(out), "--json"])
     shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert shown["method"] == method and len(shown["blocks"]) == 3
-    assert ref.windows == 2 and ref.ppl > 1
 
 
 def test_streaming_eval_equals_in_memory(tiny_models, tmp_path):

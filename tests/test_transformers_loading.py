@@ -15,9 +15,9 @@ import sola_stream
 from sola_stream.pipeline.engine import CompressOptions, compress
 from sola_stream.storage.output import MODELING_SOURCE
 
-from conftest import make_tiny
+from conftest import ALL_FAMILIES, make_tiny
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = list(ALL_FAMILIES)
 IDS = [[1, 5, 9, 20, 7, 33, 2, 11]]
 
 CHILD = r"""

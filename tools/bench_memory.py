@@ -78,20 +78,20 @@ def floors(model: Path, opts, device: torch.device, batch: int) -> dict:
     """Each compute component of block 0, measured alone on random calibration states."""
     reader = CheckpointReader(model)
     skeleton = Skeleton(reader)
-    adapter = skeleton.adapter
-    weights, t_read = timed(lambda: reader.tensors(adapter.block_prefix(0)), device)
+    family = skeleton.family
+    weights, t_read = timed(lambda: reader.tensors(family.block_prefix(0)), device)
     kwargs = skeleton.embed(torch.zeros(1, opts.seqlen, dtype=torch.long))[1][0]
     gen = torch.Generator().manual_seed(0)
     states = torch.randn(opts.nsamples, opts.seqlen, skeleton.hidden_size, generator=gen)
     block = build_block(skeleton.meta_block(0), weights, None, device, torch.float32)
     _, t_fwd = timed(lambda: run_block(block, states, kwargs, device, batch, out=None), device)
-    stats = BlockStats(block, adapter, stop_early=True)  # as the engine runs it
+    stats = BlockStats(block, family, stop_early=True)  # as the engine runs it
     _, t_stats = timed(lambda: run_block(block, states, kwargs, device, batch, out=None), device)
     stats.remove()
     del block
     t_cov = covariance_time(stats.cov, opts.nsamples * opts.seqlen, batch * opts.seqlen, device)
-    storage = weights[adapter.linears[0] + ".weight"].dtype
-    result, t_dec = timed(lambda: compress_block(weights, stats.cov, stats.neuron_scores(), adapter, opts.method,
+    storage = weights[family.linears[0] + ".weight"].dtype
+    result, t_dec = timed(lambda: compress_block(weights, stats.cov, stats.neuron_scores(), family, opts.method,
                                                  opts.ratio, opts.prime_ratio, storage), device)
     del stats
     cblock = build_block(skeleton.meta_block(0), result.tensors, result.specs, device, torch.float32)

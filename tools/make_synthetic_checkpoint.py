@@ -3,7 +3,8 @@
 
 Compute time and memory of compression depend on the shapes, not on the values, so a 70B-shaped
 checkpoint with a few blocks measures what a real 70B run costs per block without downloading
-140 GB. Configs of real models are kept in tools/configs/ (llama-2-7b, llama-2-70b, mistral-7b).
+140 GB. Configs of real models are kept in tools/configs/. Tensor names and shapes are those of the
+family's own model built from the config on the meta device, so any supported family works.
 
   python tools/make_synthetic_checkpoint.py --config tools/configs/llama-2-70b.json --blocks 2 \\
       --out models/synthetic-llama-2-70b-2
@@ -42,20 +43,25 @@ def train_tokenizer(vocab_size: int, text_chars: int = 200_000):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
+def model_shapes(cfg: dict) -> tuple[str, dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """(blocks prefix, one block's tensor shapes relative to it, the outer tensors' shapes), read
+    off the family's model built from `cfg` on the meta device: every family sola_stream supports."""
+    from sola_stream.families import family_for_dict, meta_model, transformers_config
+
+    family = family_for_dict(cfg)
+    model = meta_model(transformers_config(family.with_blocks(cfg, 1)))
+    prefix = family.layers_path + "."
+    state = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    block = {n[len(prefix) + 2:]: s for n, s in state.items() if n.startswith(prefix + "0.")}
+    outer = {n: s for n, s in state.items() if not n.startswith(prefix)}
+    if getattr(model.config, "tie_word_embeddings", False):
+        outer.pop(family.head_path + ".weight", None)
+    return prefix, block, outer
+
+
 def block_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of one LLaMA-style decoder block (names relative to the block)."""
-    h, i = cfg["hidden_size"], cfg["intermediate_size"]
-    heads = cfg["num_attention_heads"]
-    hd = cfg.get("head_dim") or h // heads
-    kv = cfg.get("num_key_value_heads", heads) * hd
-    shapes = {"self_attn.q_proj.weight": (heads * hd, h), "self_attn.k_proj.weight": (kv, h),
-              "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, heads * hd),
-              "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i),
-              "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
-    if cfg.get("model_type") == "qwen2":
-        shapes.update({"self_attn.q_proj.bias": (heads * hd,), "self_attn.k_proj.bias": (kv,),
-                       "self_attn.v_proj.bias": (kv,)})
-    return shapes
+    """Tensor shapes of one decoder block (names relative to the block)."""
+    return model_shapes(cfg)[1]
 
 
 def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -68,34 +74,36 @@ def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generat
 
 
 def make_checkpoint(config: Path, blocks: int, out: Path, seed: int = 0, tokenizer_vocab: int = 4096) -> Path:
+    from sola_stream.families import family_for_dict
+
     cfg = json.loads(config.read_text())
-    cfg["num_hidden_layers"] = blocks
+    cfg = family_for_dict(cfg, str(config)).with_blocks(cfg, blocks)
     dtype = DTYPES[cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"]
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    h, vocab = cfg["hidden_size"], cfg["vocab_size"]
+    prefix, block, outer_shapes = model_shapes(cfg)
+    h = cfg["hidden_size"]
     weight_map: dict[str, str] = {}
     total = 0
     n_shards = blocks + 1
     for b in range(blocks):
         name = f"model-{b + 1:05d}-of-{n_shards:05d}.safetensors"
-        tensors = {f"model.layers.{b}.{k}": random_tensor(s, dtype, gen) for k, s in block_shapes(cfg).items()}
+        tensors = {f"{prefix}{b}.{k}": random_tensor(s, dtype, gen) for k, s in block.items()}
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in tensors})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         print(f"block {b + 1}/{blocks} -> {name}", flush=True)
     name = f"model-{n_shards:05d}-of-{n_shards:05d}.safetensors"
-    outer = {"model.embed_tokens.weight": random_tensor((vocab, h), dtype, gen) * h ** 0.5 / 8,
-             "model.norm.weight": torch.ones(h, dtype=dtype)}
-    if not cfg.get("tie_word_embeddings", False):
-        outer["lm_head.weight"] = random_tensor((vocab, h), dtype, gen)
+    # embeddings scaled so hidden states start at a realistic size; norms 1, heads N(0, 1/h)
+    outer = {k: random_tensor(s, dtype, gen) * (h ** 0.5 / 8 if k == "model.embed_tokens.weight" else 1)
+             for k, s in outer_shapes.items()}
     save_file(outer, str(out / name), metadata={"format": "pt"})
     weight_map.update({k: name for k in outer})
     total += sum(t.numel() * t.element_size() for t in outer.values())
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    train_tokenizer(min(tokenizer_vocab, vocab)).save_pretrained(out)
+    train_tokenizer(min(tokenizer_vocab, cfg["vocab_size"])).save_pretrained(out)
     print(f"done: {blocks} blocks of {config.name}, {total / 2**30:.2f} GiB -> {out}")
     return out
 

@@ -55,7 +55,7 @@ def open_model(model: str):
     skeleton = Skeleton(reader)
     sola = reader.config_dict.get("sola")
     if sola is not None:
-        check_sola_section(sola, skeleton.num_blocks, skeleton.adapter.linears, str(reader.path / "config.json"))
+        check_sola_section(sola, skeleton.num_blocks, skeleton.family.linears, str(reader.path / "config.json"))
     return reader, skeleton, load_tokenizer(reader.path, skeleton.config)
 
 
@@ -64,7 +64,7 @@ def blocks(reader: CheckpointReader, skeleton: Skeleton, device, progress: bool,
     layer-major evaluation holds one block at a time."""
     sola = reader.config_dict.get("sola")
     for i in tqdm(range(skeleton.num_blocks), desc=desc, unit="block", disable=not progress):
-        tensors = reader.tensors(skeleton.adapter.block_prefix(i))
+        tensors = reader.tensors(skeleton.family.block_prefix(i))
         block = build_checked(lambda: build_block(skeleton.meta_block(i), tensors, block_specs(sola, i), device,
                                                   torch.float32), str(reader.path), i)
         yield i, block

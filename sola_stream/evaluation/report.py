@@ -3,10 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from accelerate import init_empty_weights
-from transformers import AutoModelForCausalLM
 
-from sola_stream.families import adapter_for_dict
+from sola_stream.families import family_for_dict, meta_model
 from sola_stream.storage.checkpoint import CheckpointReader, read_json_object
 from sola_stream.errors import InputError
 from sola_stream.nn.build import check_layer_shapes, linear_params
@@ -23,14 +21,14 @@ def summary_dict(path: str) -> dict:
     if "sola" not in config:
         raise InputError(f"{config_file}: no 'sola' section (not a sola_stream output)")
     reader = CheckpointReader(path)
-    adapter = adapter_for_dict(config, str(config_file))
+    family = family_for_dict(config, str(config_file))
     model_config = load_config(reader)
-    sola = check_sola_section(config["sola"], config["num_hidden_layers"], adapter.linears, str(config_file))
-    with init_empty_weights(include_buffers=False):
-        layers = AutoModelForCausalLM.from_config(model_config).get_submodule(adapter.layers_path)
+    sola = check_sola_section(config["sola"], family.text(config, str(config_file))["num_hidden_layers"],
+                              family.linears, str(config_file))
+    layers = meta_model(model_config, str(config_file)).get_submodule(family.layers_path)
     rows = []
     for i, block in enumerate(sola["blocks"]):
-        prefix = adapter.block_prefix(i)
+        prefix = family.block_prefix(i)
         row = {"block": i}
         for name, spec in block["layers"].items():
             meta = layers[i].get_submodule(name)

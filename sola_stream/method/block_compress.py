@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from sola_stream.method.allocate import Candidate, allocate, uniform_rank
-from sola_stream.families import Adapter
+from sola_stream.families import Family
 from sola_stream.method.decompose import Spectrum, cholesky_whitener, spectrum
 from sola_stream.nn.build import linear_params
 
@@ -29,12 +29,9 @@ class BlockResult:
     damping: dict[str, float]
 
 
-def covariance_key(adapter: Adapter, name: str) -> str:
-    if name in adapter.qkv:
-        return "attn_in"
-    if name == adapter.out_proj:
-        return "attn_out"
-    return "ffn_in" if name in adapter.ffn_in else "ffn_mid"
+def stacked(index: torch.Tensor, count: int, chunks: int) -> torch.Tensor:
+    """Row indices of neurons `index` in a layer stacking `chunks` blocks of `count` neurons."""
+    return torch.cat([index + k * count for k in range(chunks)]) if chunks > 1 else index
 
 
 def prime_order(scores: torch.Tensor, prime_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +44,7 @@ def prime_order(scores: torch.Tensor, prime_ratio: float) -> tuple[torch.Tensor,
 
 @torch.no_grad()
 def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tensor], scores: torch.Tensor | None,
-                   adapter: Adapter, method: str, ratio: float, prime_ratio: float,
+                   family: Family, method: str, ratio: float, prime_ratio: float,
                    storage_dtype: torch.dtype) -> BlockResult:
     """`weights`: block tensors by name relative to the block (linears' `.weight`, biases, norms).
     `covs`: input covariances by group key (see pipeline/block_forward.py); the FFN-neuron one is consumed (removed
@@ -55,7 +52,7 @@ def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tenso
     Returns the compressed tensors."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
-    linears = adapter.linears
+    linears = family.linears
     shapes = {n: tuple(weights[n + ".weight"].shape) for n in linears}
     dense_params = sum(m * n for m, n in shapes.values())
     whiteners: dict[str, tuple[torch.Tensor, float]] = {}
@@ -67,40 +64,43 @@ def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tenso
             return None
         if wkey not in whiteners:
             c = covs[key] if index is None else covs[key][index][:, index]
-            if key == "ffn_mid":  # the largest statistic, used once: free it early (see pipeline/plan.py)
+            if key == family.neuron_key:  # the largest statistic, used once: free it early (see pipeline/plan.py)
                 covs.pop(key)
             whiteners[wkey] = cholesky_whitener(c, what=f"{key} covariance")
             del c
         return whiteners[wkey][0]
 
-    ffn = (*adapter.ffn_in, adapter.ffn_out)
+    rows, cols, chunks = family.neurons.rows, family.neurons.cols, family.neurons.chunks
+    ffn = (*rows, cols)
     split = method == "sola" and prime_ratio > 0
     prime = marginal = None
     if split:
         prime, marginal = prime_order(scores, prime_ratio)
         if len(marginal) == 0:
             split = False
+    if split:
+        count = len(prime) + len(marginal)
+        prime_rows, marginal_rows = stacked(prime, count, chunks), stacked(marginal, count, chunks)
 
     # matrices to factor: the whole weight, or the marginal rows/columns of FFN layers
     targets: dict[str, torch.Tensor] = {}
     spectra: dict[str, Spectrum] = {}
     for name in linears:
         w = weights[name + ".weight"]
-        key = covariance_key(adapter, name)
-        if split and name in ffn:
-            if name == adapter.ffn_out:
-                targets[name] = w[:, marginal]
-                spectra[name] = spectrum(targets[name], whitener(key, marginal.to(dev)), dev)
-            else:
-                targets[name] = w[marginal]
-                spectra[name] = spectrum(targets[name], whitener(key), dev)
+        key = family.group_of(name)
+        if split and name == cols:
+            targets[name] = w[:, marginal]
+            spectra[name] = spectrum(targets[name], whitener(key, marginal.to(dev)), dev)
+        elif split and name in rows:
+            targets[name] = w[marginal_rows]
+            spectra[name] = spectrum(targets[name], whitener(key), dev)
         else:
             targets[name] = w
             spectra[name] = spectrum(w, whitener(key), dev)
 
     keep = 1.0 - ratio
     if method == "sola":
-        fixed = sum(len(prime) * (shapes[n][1] if n != adapter.ffn_out else shapes[n][0]) for n in ffn) if split else 0
+        fixed = (sum(len(prime_rows) * shapes[n][1] for n in rows) + len(prime) * shapes[cols][0]) if split else 0
         budget = math.floor(keep * dense_params) - fixed
         if budget <= 0:
             raise ValueError(f"ratio {ratio} leaves no room beyond the prime neurons (prime ratio {prime_ratio})")
@@ -121,15 +121,17 @@ def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tenso
         spec: dict = {"rank": rank}
         own: dict[str, torch.Tensor] = {}
         if split and name in ffn:
-            spec.update(prime=len(prime), split="in" if name == adapter.ffn_out else "out")
-            if name == adapter.ffn_out:
+            spec.update(prime=len(prime), split="in" if name == cols else "out")
+            if name == cols:
                 own["prime.weight"] = w[:, prime]
                 if bias is not None:
                     own["prime.bias"] = bias
             else:
-                own["prime.weight"] = w[prime]
+                if chunks > 1:
+                    spec["chunks"] = chunks
+                own["prime.weight"] = w[prime_rows]
                 if bias is not None:
-                    own["prime.bias"], own["marginal.bias"] = bias[prime], bias[marginal]
+                    own["prime.bias"], own["marginal.bias"] = bias[prime_rows], bias[marginal_rows]
             own.update(_factored(targets[name], sp, rank, "marginal."))
         else:
             own.update(_factored(w, sp, rank, ""))

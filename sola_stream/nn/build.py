@@ -27,7 +27,7 @@ def layer_from_tensors(spec: dict, tensors: dict[str, torch.Tensor]) -> nn.Modul
     prime_bias = tensors.get("prime.bias")
     prime = dense_linear(tensors["prime.weight"], prime_bias)
     marginal = _dense_or_factored(tensors, "marginal.", tensors.get("marginal.bias"))
-    return NeuronSplitLinear(prime, marginal, spec["split"])
+    return NeuronSplitLinear(prime, marginal, spec["split"], spec.get("chunks", 1))
 
 
 def check_layer_shapes(spec: dict, m: int, n: int, stored: dict[str, tuple[int, ...]], prefix: str) -> None:
@@ -73,6 +73,7 @@ def linear_params(spec: dict | None, m: int, n: int) -> int:
         return m * n
     rank, prime = spec.get("rank"), spec.get("prime", 0)
     if spec.get("split") == "out":
+        prime *= spec.get("chunks", 1)  # a fused layer keeps each prime neuron's row in every chunk
         rest = (m - prime) * n if rank is None else rank * (m - prime + n)
         return prime * n + rest
     if spec.get("split") == "in":

@@ -10,12 +10,17 @@ A compressed block is the family's own block with some nn.Linear children swappe
 - NeuronSplitLinear (SoLA FFN): prime neurons dense under `<name>.prime.weight`, the marginal rest
   under `<name>.marginal.*` (dense `.weight` or `.lowrank.a/b`). gate/up split their output rows,
   down its input columns. Neurons are stored prime-first in all three, so the family's own FFN
-  forward (act(gate(x)) * up(x) -> down) works unchanged on the permuted order.
+  forward (act(gate(x)) * up(x) -> down) works unchanged on the permuted order. A fused layer
+  (Phi-3's gate_up, split by the family with chunk(2)) stacks `chunks` neuron blocks: its prime
+  rows hold each chunk's prime neurons in turn, and its output is put back chunk by chunk, each
+  chunk prime-first.
 A layer's spec (config.json `sola.blocks[i].layers[name]`) says which form it takes:
-{"rank": k or null (dense), "prime": p (only for neuron-split layers), "split": "out" | "in"}.
+{"rank": k or null (dense), "prime": p (only for neuron-split layers), "split": "out" | "in",
+"chunks": c (fused output-split layers only; 1 when absent)}.
 
-Classes: `Sola<Family>Config` and `Sola<Family>ForCausalLM` for any transformers family
-`<Family>ForCausalLM` (e.g. SolaLlamaForCausalLM), made on first use (PEP 562 module __getattr__).
+Classes: `Sola<X>` for any transformers class `<X>` that is a family's config, `...ForCausalLM` or
+`...ForConditionalGeneration` (e.g. SolaLlamaForCausalLM, SolaGemma3TextConfig), made on first use
+(PEP 562 module __getattr__).
 Their model_type is "sola_<family>", which transformers does not know without this file: loading
 an output without trust_remote_code fails loudly instead of returning random weights.
 """
@@ -79,11 +84,12 @@ class FactoredLinear(nn.Module):
 
 
 class NeuronSplitLinear(nn.Module):
-    """Prime neurons dense, marginal ones in `marginal`; split="out" (gate/up) or "in" (down)."""
+    """Prime neurons dense, marginal ones in `marginal`; split="out" (gate/up) or "in" (down).
+    An output split over `chunks` stacked neuron blocks returns [prime_1, marginal_1, prime_2, ...]."""
 
-    def __init__(self, prime: nn.Linear, marginal: nn.Module, split: str):
+    def __init__(self, prime: nn.Linear, marginal: nn.Module, split: str, chunks: int = 1):
         super().__init__()
-        self.prime, self.marginal, self.split = prime, marginal, split
+        self.prime, self.marginal, self.split, self.chunks = prime, marginal, split, chunks
         self.n_prime = prime.out_features if split == "out" else prime.in_features
         self.shared = None
 
@@ -93,6 +99,12 @@ class NeuronSplitLinear(nn.Module):
         m = self.marginal
         return [self.prime.weight, m.lowrank.b if isinstance(m, FactoredLinear) else m.weight]
 
+    def _merge(self, yp: torch.Tensor, ym: torch.Tensor) -> torch.Tensor:
+        if self.chunks == 1:
+            return torch.cat([yp, ym], dim=-1)
+        c = self.chunks
+        return torch.cat([yp.unflatten(-1, (c, -1)), ym.unflatten(-1, (c, -1))], dim=-1).flatten(-2)
+
     def from_right(self, z: torch.Tensor) -> torch.Tensor:
         zp, zm = z[..., : self.n_prime], z[..., self.n_prime:]
         if self.prime.bias is not None:
@@ -101,13 +113,13 @@ class NeuronSplitLinear(nn.Module):
             zm = self.marginal.from_right(zm)
         elif self.marginal.bias is not None:
             zm = zm + self.marginal.bias
-        return torch.cat([zp, zm], dim=-1)
+        return self._merge(zp, zm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared is not None:
             return self.from_right(self.shared[0].take(x, self.shared[1]))
         if self.split == "out":
-            return torch.cat([self.prime(x), self.marginal(x)], dim=-1)
+            return self._merge(self.prime(x), self.marginal(x))
         return self.prime(x[..., : self.n_prime]) + self.marginal(x[..., self.n_prime:])
 
 
@@ -149,6 +161,7 @@ def weight_shapes(spec: dict, m: int, n: int) -> dict:
     if prime is None:
         return part("", m, n)
     if split == "out":
+        prime *= spec.get("chunks", 1)
         return {"prime.weight": (prime, n), **part("marginal.", m - prime, n)}
     return {"prime.weight": (m, prime), **part("marginal.", m, n - prime)}
 
@@ -171,10 +184,10 @@ def empty_layer(spec: dict, linear: nn.Linear) -> nn.Module:
 
     if "prime" not in spec:
         return dense_or_factored("", bias(m))
-    p = spec["prime"]
     if spec["split"] == "out":
+        p = spec["prime"] * spec.get("chunks", 1)
         return NeuronSplitLinear(dense_linear(weights["prime.weight"], bias(p)),
-                                 dense_or_factored("marginal.", bias(m - p)), "out")
+                                 dense_or_factored("marginal.", bias(m - p)), "out", spec.get("chunks", 1))
     return NeuronSplitLinear(dense_linear(weights["prime.weight"], bias(m)), dense_or_factored("marginal.", None), "in")
 
 
@@ -215,24 +228,25 @@ _CLASSES: dict = {}
 
 
 def _make(name: str):
-    """Sola<Family>Config / Sola<Family>ForCausalLM from transformers' <Family>Config/ForCausalLM."""
+    """Sola<X>Config from transformers' <X>Config, Sola<Family>ForCausalLM from <Family>ForCausalLM
+    (whose config class is Sola + its base's config class name: Gemma 3's text model has
+    Gemma3TextConfig)."""
     if name in _CLASSES:
         return _CLASSES[name]
-    family = name[len("Sola"):-len("ForCausalLM")] if name.endswith("ForCausalLM") else name[len("Sola"):-len("Config")]
-    base_config = getattr(transformers, f"{family}Config")
-    config_cls = _CLASSES.get(f"Sola{family}Config") or type(
-        f"Sola{family}Config", (base_config,), {"model_type": "sola_" + base_config.model_type, "__module__": __name__})
-    _CLASSES[f"Sola{family}Config"] = config_cls
     if name.endswith("Config"):
-        return config_cls
-    base_model = getattr(transformers, f"{family}ForCausalLM")
-    model_cls = type(name, (_SolaMixin, base_model), {"config_class": config_cls, "__module__": __name__})
-    _CLASSES[name] = model_cls
-    return model_cls
+        base_config = getattr(transformers, name[len("Sola"):])
+        cls = type(name, (base_config,), {"model_type": "sola_" + base_config.model_type, "__module__": __name__})
+    else:
+        base_model = getattr(transformers, name[len("Sola"):])
+        config_cls = _make("Sola" + base_model.config_class.__name__)
+        cls = type(name, (_SolaMixin, base_model), {"config_class": config_cls, "__module__": __name__})
+    _CLASSES[name] = cls
+    return cls
 
 
 def __getattr__(name: str):
-    if name.startswith("Sola") and name.endswith(("ForCausalLM", "Config")) and len(name) > len("SolaConfig"):
+    if name.startswith("Sola") and name.endswith(("ForCausalLM", "ForConditionalGeneration", "Config")) and \
+            len(name) > len("SolaConfig"):
         try:
             return _make(name)
         except AttributeError:

@@ -1,8 +1,7 @@
 """Running calibration states through one block, and the statistics gathered on the way.
 
-Per block: the input covariance of the attention projections (q/k/v share one input), of the
-output projection, of the FFN input (gate/up share it) and of the down projection's input (the
-FFN neurons), plus each neuron's score s_j = mean |a_j| over calibration tokens.
+Per block: the input covariance of each input group of the family (for LLaMA: q/k/v, o, gate/up,
+down), plus each FFN neuron's score s_j = mean |a_j| over calibration tokens.
 Sums are float32 on the compute device.
 """
 from __future__ import annotations
@@ -10,29 +9,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sola_stream.families import Adapter
+from sola_stream.families import Family
 
 
-class StatsDone(Exception):
-    """Raised by the last hook of a block when the block's output is not needed."""
+class StopForward(Exception):
+    """Ends a forward pass whose remaining work is not needed: raised by the last statistics hook
+    of a block, and by the skeleton's recorder of the last block."""
 
 
 class BlockStats:
-    """Forward pre-hooks that accumulate X^T X per input group while a block runs.
+    """Forward pre-hooks that accumulate X^T X per input group of the family while a block runs,
+    and each FFN neuron's sum of |a_j| on the input of the neuron columns' layer.
 
-    With `stop_early`, the hook on the FFN output projection's input (the last statistic of a
-    block) ends the chunk's forward there: in a statistics-only pass the projection itself and the
-    residual add are wasted work (a quarter of a LLaMA block's weights)."""
+    With `stop_early`, the hook of the last input group (the FFN output projection in every
+    family so far) ends the chunk's forward there: in a statistics-only pass the projection itself
+    and the residual add are wasted work (a quarter of a LLaMA block's weights)."""
 
-    def __init__(self, block: nn.Module, adapter: Adapter, stop_early: bool = False):
+    def __init__(self, block: nn.Module, family: Family, stop_early: bool = False):
         self.stop_early = stop_early
-        self.groups = {adapter.qkv[0]: "attn_in", adapter.out_proj: "attn_out", adapter.ffn_in[0]: "ffn_in",
-                       adapter.ffn_out: "ffn_mid"}
+        self.first, self.last = family.groups[0].key, family.groups[-1].key
+        self.neuron_key = family.neuron_key
         self.cov: dict[str, torch.Tensor] = {}
         self.abs_sum: torch.Tensor | None = None
         self.tokens = 0
-        self._handles = [block.get_submodule(name).register_forward_pre_hook(self._hook(key))
-                         for name, key in self.groups.items()]
+        self._handles = [block.get_submodule(g.linears[0]).register_forward_pre_hook(self._hook(g.key))
+                         for g in family.groups]
 
     def _hook(self, key: str):
         def hook(module, args):
@@ -41,13 +42,13 @@ class BlockStats:
             if cov is None:
                 cov = self.cov[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
             cov.addmm_(x.T, x)
-            if key == "attn_in":
+            if key == self.first:
                 self.tokens += x.shape[0]
-            if key == "ffn_mid":
+            if key == self.neuron_key:
                 s = torch.linalg.vector_norm(x, ord=1, dim=0)  # sum |a_j| without an |x| copy
                 self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
-                if self.stop_early:
-                    raise StatsDone
+            if key == self.last and self.stop_early:
+                raise StopForward
         return hook
 
     def remove(self) -> None:
@@ -77,7 +78,7 @@ def run_block(block: nn.Module, states: torch.Tensor, kwargs: dict, device: torc
         chunk = states[start:start + batch_size].to(device, non_blocking=True)
         try:
             res = block(chunk, **kw)
-        except StatsDone:
+        except StopForward:
             if out is not None:
                 raise RuntimeError("a statistics pass that stops early has no outputs") from None
             if release is not None:

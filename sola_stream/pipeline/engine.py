@@ -91,13 +91,13 @@ def check_paths(model_dir: Path, out_dir: Path) -> None:
         raise OutputError(f"{out_dir}: output directory is inside the input model directory ({model_dir})")
 
 
-def blocks_ratio(options: CompressOptions, reader: CheckpointReader, adapter, n: int) -> CompressOptions:
+def blocks_ratio(options: CompressOptions, reader: CheckpointReader, family, n: int) -> CompressOptions:
     """A ratio of the whole model restated as the ratio of the block linear weights that removes
     the same number of parameters (only block linears are compressed)."""
     if options.ratio_of == "blocks":
         return options
-    linears = sum(math.prod(reader.shape(adapter.block_prefix(i) + name + ".weight"))
-                  for i in range(n) for name in adapter.linears)
+    linears = sum(math.prod(reader.shape(family.block_prefix(i) + name + ".weight"))
+                  for i in range(n) for name in family.linears)
     ratio = options.ratio * output.model_params(reader) / linears
     if ratio >= 1.0:
         raise InputError(f"--ratio {options.ratio} --ratio-of model: the block linear weights are only "
@@ -121,8 +121,8 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
     if "sola" in reader.config_dict:
         raise InputError(f"{reader.path / 'config.json'}: is a sola-stream output; compress the original model")
     skeleton = Skeleton(reader)
-    adapter = skeleton.adapter
-    options = blocks_ratio(options, reader, adapter, skeleton.num_blocks)
+    family = skeleton.family
+    options = blocks_ratio(options, reader, family, skeleton.num_blocks)
     plan = make_plan(reader.config_dict, options, device, measure=progress,  # the bar's first ETA
                      budget_host=None if options.max_host_memory else available_host_memory())
     plan.check()
@@ -137,7 +137,7 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
     batch = max(1, options.batch_tokens // options.seqlen)
     fp = fingerprint(reader, options.result_options(device), calib_sha256)
     n = skeleton.num_blocks
-    layers_prefix = adapter.layers_path + "."
+    layers_prefix = family.layers_path + "."
 
     with RunDir(out_dir, fp, output.planned_files(reader, n), overwrite) as run, GracefulStop() as stop, \
             PeakMemory() as mem:
@@ -152,7 +152,7 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
         if start:
             t_verify = time.time()
             verify = tqdm(total=start, desc="verify", unit="block", disable=not progress)
-            run.verify(outer, lambda i: reader.digest(adapter.block_prefix(i)), torch.get_num_threads(), verify.update)
+            run.verify(outer, lambda i: reader.digest(family.block_prefix(i)), torch.get_num_threads(), verify.update)
             verify.close()
             log.write("verified", blocks=start, seconds=round(time.time() - t_verify, 3))
         run.cleanup_orphans()
@@ -191,7 +191,7 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
                           "peak_gpu_allocated_bytes": gpu, "kept_fraction": result.kept_params / result.dense_params,
                           "layers": result.specs, "whitened_error": entry["whitened_error"]}
                 commits.start(lambda i=i, t=result.tensors, e=entry, p=persist, r=record:
-                              _commit(run, out_dir, adapter, i, t, e, p, lambda: log.write("block", **r)))
+                              _commit(run, out_dir, family, i, t, e, p, lambda: log.write("block", **r)))
                 bar.set_postfix(kept=f"{result.kept_params / result.dense_params:.3f}")
                 if stop.requested and not last:
                     commits.wait()
@@ -205,17 +205,17 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
         finally:
             commits.wait(quiet=True)  # a commit in flight completes before the lock is released
             cache.close()
-        sola = _sola_section(options, calib_desc, run.manifest, reader, adapter, fp)
+        sola = _sola_section(options, calib_desc, run.manifest, reader, family, fp)
         log.write("done", seconds=round(time.time() - t0, 3), achieved_ratio_blocks=sola["achieved_ratio_blocks"],
                   achieved_ratio_model=sola["achieved_ratio_model"])
-        run.complete("config.json", output.finish(out_dir, reader, n, layers_prefix, type(skeleton.model).__name__,
+        run.complete("config.json", output.finish(out_dir, reader, n, layers_prefix, type(skeleton.model),
                                                   type(tokenizer).__name__, sola))
     return _summary(out_dir, start=start, final_states=final, **summary)
 
 
-def _commit(run: RunDir, out_dir: Path, adapter, i: int, tensors: dict, entry: dict, persist, logged) -> None:
+def _commit(run: RunDir, out_dir: Path, family, i: int, tensors: dict, entry: dict, persist, logged) -> None:
     """Block i made durable: shard, next block's states, manifest (docs/RESUME.md); then logged."""
-    entry["shard_sha256"] = output.write_block(out_dir, i, adapter.block_prefix(i), tensors)
+    entry["shard_sha256"] = output.write_block(out_dir, i, family.block_prefix(i), tensors)
     faults.hit("block_written")
     run.commit_block(i, entry, persist)
     faults.hit("block_committed")
@@ -227,13 +227,13 @@ def _compress_one(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, 
                   need_outputs: bool = True) -> BlockResult:
     """Statistics, compression and propagation of block i. The next block's inputs go to the
     cache's target (in RAM the same tensor, overwritten chunk by chunk)."""
-    adapter = skeleton.adapter
-    prefix = adapter.block_prefix(i)
+    family = skeleton.family
+    prefix = family.block_prefix(i)
     _check_finite_weights(weights, skeleton.reader, prefix)
-    storage = weights[adapter.linears[0] + ".weight"].dtype
+    storage = weights[family.linears[0] + ".weight"].dtype
     block = build_block(skeleton.meta_block(i), weights, None, device, torch.float32)
     keep_original = options.propagate == "original"
-    stats = BlockStats(block, adapter, stop_early=not keep_original)
+    stats = BlockStats(block, family, stop_early=not keep_original)
     target = cache.begin_block(i)
     if keep_original:
         commits.wait()  # the previous commit may still be reading these states
@@ -247,7 +247,7 @@ def _compress_one(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, 
     for key, cov in stats.cov.items():  # the statistics pass may stop before the block's output
         _check_finite(cov, f"calibration states in block {i} ({prefix}*), {key} statistics")
     try:
-        result = compress_block(weights, stats.cov, stats.neuron_scores(), adapter, options.method,
+        result = compress_block(weights, stats.cov, stats.neuron_scores(), family, options.method,
                                 options.ratio, options.prime_ratio, storage)
     except ValueError as exc:
         raise InputError(f"block {i} ({prefix}*): {exc}") from None
@@ -274,7 +274,7 @@ def _block_entry(i: int, result: BlockResult, input_sha256: str) -> dict:
 
 
 def _sola_section(options: CompressOptions, calib_desc: str, manifest: dict, reader: CheckpointReader,
-                  adapter, fp: dict) -> dict:
+                  family, fp: dict) -> dict:
     blocks = manifest["blocks"]
     dense = sum(b["dense_params"] for b in blocks)
     kept = sum(b["kept_params"] for b in blocks)
@@ -283,8 +283,8 @@ def _sola_section(options: CompressOptions, calib_desc: str, manifest: dict, rea
     return {
         "format_version": SECTION_VERSION,
         "package_version": __version__,
-        "base_model_type": adapter.family,
-        "layers_path": adapter.layers_path,
+        "base_model_type": family.name,
+        "layers_path": family.layers_path,
         "method": options.method,
         "ratio": options.ratio,
         "prime_ratio": options.prime_ratio if options.method == "sola" else 0.0,
@@ -296,8 +296,8 @@ def _sola_section(options: CompressOptions, calib_desc: str, manifest: dict, rea
         "calibration": {"source": calib_desc, "sha256": fp["calibration_sha256"], "nsamples": options.nsamples,
                         "seqlen": options.seqlen, "seed": options.seed},
         "propagate": options.propagate,
-        "linears": list(adapter.linears),
-        "input_groups": [list(adapter.qkv), list(adapter.ffn_in)],  # layers sharing one input (fused at load)
+        "linears": list(family.linears),
+        "input_groups": family.shared_inputs,  # layers sharing one input (fused at load)
         "blocks": [{"layers": b["layers"], "whitened_error": b["whitened_error"]} for b in blocks],
         "fingerprint": fp,
     }

@@ -4,16 +4,14 @@ from __future__ import annotations
 import warnings
 
 import torch
-from accelerate import init_empty_weights
-from transformers import AutoModelForCausalLM
 
-from sola_stream.families import adapter_for
+from sola_stream.families import family_for, meta_model
 from sola_stream.storage.checkpoint import CheckpointReader
 from sola_stream.errors import InputError
 from sola_stream.nn.modeling_sola import fuse_shared_inputs
 from sola_stream.nn.build import build_block
 from sola_stream.storage.sola_section import block_specs, build_checked, check_sola_section
-from sola_stream.pipeline.skeleton import load_config
+from sola_stream.pipeline.skeleton import load_config, load_outer
 
 
 def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -23,25 +21,19 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
     reader = CheckpointReader(path)
     sola = reader.config_dict.get("sola")
     config = load_config(reader)
-    adapter = adapter_for(config, str(reader.path / "config.json"))
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    layers = model.get_submodule(adapter.layers_path)
+    family = family_for(config, str(reader.path / "config.json"))
+    model = meta_model(config, str(reader.path / "config.json"), dtype)
+    layers = model.get_submodule(family.layers_path)
     if sola is not None:
-        check_sola_section(sola, len(layers), adapter.linears, str(reader.path / "config.json"))
+        check_sola_section(sola, len(layers), family.linears, str(reader.path / "config.json"))
         if "base_model_type" not in sola:
             warnings.warn(f"{reader.path}: written by sola_stream 0.1, which transformers cannot load by itself; "
                           f"run `sola-stream upgrade {reader.path}` to make it self-contained", stacklevel=2)
     for i in range(len(layers)):
-        tensors = reader.tensors(adapter.block_prefix(i))
+        tensors = reader.tensors(family.block_prefix(i))
         layers[i] = build_checked(lambda: build_block(layers[i], tensors, block_specs(sola, i), device, dtype),
                                   str(reader.path), i)
-    prefix = adapter.layers_path + "."
-    outer = {n: reader.get(n).to(dtype) for n in reader.weight_map if not n.startswith(prefix)}
-    model.load_state_dict(outer, strict=False, assign=True)
-    head = model.get_submodule(adapter.head_path)
-    if adapter.head_path + ".weight" not in outer and getattr(config, "tie_word_embeddings", False):
-        head.weight = model.get_input_embeddings().weight
+    load_outer(model, reader, family, config, dtype)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise InputError(f"{reader.path}: tensor {missing[0]!r} missing")

@@ -56,7 +56,7 @@ class Prefetch:
         self._pending: int | None = None
 
     def _read(self, i: int) -> tuple[dict[str, torch.Tensor], str]:
-        tensors = self.reader.tensors(self.skeleton.adapter.block_prefix(i))
+        tensors = self.reader.tensors(self.skeleton.family.block_prefix(i))
         digest = tensors_digest(tensors)
         return ({k: v.pin_memory() for k, v in tensors.items()} if self.pin else tensors), digest
 

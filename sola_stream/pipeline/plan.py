@@ -15,50 +15,77 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from pathlib import Path
-
 import psutil
 import torch
 
-from sola_stream.storage.checkpoint import read_json_object
 from sola_stream.errors import InputError
-from sola_stream.storage.input_checks import check_config
+from sola_stream.families import family_for_dict, meta_model, transformers_config
 
 GIB = 2**30
 RUNTIME_HOST = int(0.5 * GIB)  # torch, transformers, tokenizer, skeleton: measured 0.42 GiB peak on a tiny model
 CUDA_CONTEXT = int(0.5 * GIB)  # CUDA context and kernels, outside torch's allocator
 DEFAULT_BATCH_TOKENS = {"cpu": 1024, "cuda": 16384}  # CPU: small chunks stay in cache (measured)
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _itemsize(name) -> int:
+    """Bytes per element of a config's dtype name ("bfloat16"); 2 when absent or not a dtype."""
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else 2
 
 
 @dataclass
 class Shapes:
+    """What the plan needs of a model, read off the family's block built on the meta device."""
+
     hidden: int
-    inter: int
-    attn: int  # q and o width (heads x head_dim)
-    kv: int  # k and v width
+    neurons: int  # FFN neurons per block
+    attn: int  # attention width (heads x head_dim)
+    qkv_out: int  # output rows of the attention's input group (q, k and v together)
     heads: int
-    vocab: int
     blocks: int
-    tied: bool
+    outer_params: int  # embeddings, final norm, head (once when tied), any vision tower
     storage_bytes: int
+    block_params: int  # linear weights of one block
+    group_widths: tuple[int, ...]  # input width of each input group: one covariance each
+    layers: tuple[tuple[int, int, str], ...]  # (out, in, "rows" | "cols" | "") per linear layer
+    chunks: int = 1  # neuron blocks stacked in a "rows" layer
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "Shapes":
-        try:
-            h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-            hd = cfg.get("head_dim") or h // heads
-            return cls(hidden=h, inter=cfg["intermediate_size"], attn=heads * hd,
-                       kv=cfg.get("num_key_value_heads", heads) * hd, heads=heads, vocab=cfg["vocab_size"],
-                       blocks=cfg["num_hidden_layers"], tied=bool(cfg.get("tie_word_embeddings", False)),
-                       storage_bytes=_DTYPE_BYTES.get(str(cfg.get("torch_dtype") or cfg.get("dtype")), 2))
-        except KeyError as exc:
-            raise InputError(f"config.json: missing {exc.args[0]!r}, needed to plan the run") from None
+    def from_config(cls, cfg: dict, where: str = "config.json") -> "Shapes":
+        family = family_for_dict(cfg, where)
+        one = transformers_config(family.with_blocks(cfg, 1, where), where)  # one block is enough
+        model = meta_model(one, where)
+        layers = model.get_submodule(family.layers_path)
+        block = layers[0]
+        family.check(block, where)
+        linears = {n: block.get_submodule(n) for n in family.linears}
+        first = family.groups[0].linears
+        text = one.get_text_config()  # the language model's fields (a multimodal config holds them)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        neurons = family.neurons
+        in_blocks = {id(p) for p in layers.parameters()}
+        return cls(hidden=text.hidden_size, neurons=family.neuron_count(block),
+                   attn=text.num_attention_heads * head_dim, qkv_out=sum(linears[n].out_features for n in first),
+                   heads=text.num_attention_heads, blocks=family.text(cfg, where)["num_hidden_layers"],
+                   outer_params=sum(p.numel() for p in model.parameters() if id(p) not in in_blocks),
+                   storage_bytes=_itemsize(cfg.get("torch_dtype") or cfg.get("dtype")),
+                   block_params=sum(m.weight.numel() for m in linears.values()),
+                   group_widths=tuple(linears[g.linears[0]].in_features for g in family.groups),
+                   layers=tuple((m.out_features, m.in_features,
+                                 "rows" if n in neurons.rows else "cols" if n == neurons.cols else "")
+                                for n, m in linears.items()),
+                   chunks=neurons.chunks)
 
-    @property
-    def block_params(self) -> int:
-        h = self.hidden
-        return 2 * h * self.attn + 2 * h * self.kv + 3 * h * self.inter
+    def factored_dims(self, marginal: int) -> list[tuple[int, int]]:
+        """Shapes of the matrices decomposed when `marginal` neurons are factored (the rest prime)."""
+        dims = []
+        for out, inp, role in self.layers:
+            if role == "rows":
+                out = self.chunks * marginal
+            elif role == "cols":
+                inp = marginal
+            dims.append((out, inp))
+        return dims
 
 
 @dataclass
@@ -112,49 +139,35 @@ class Plan:
                 "problems": self.problems}
 
 
-def read_config(model: str) -> dict:
-    """config.json of a checkpoint directory, a config file, or a hub id (online)."""
-    path = Path(model)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        if path.exists() or "/" not in model or model.startswith((".", "/")):
-            raise InputError(f"{path}: no config.json")
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(model, "config.json"))
-        except Exception as exc:
-            raise InputError(f"{model}: cannot fetch config.json from the hub ({type(exc).__name__})") from None
-    cfg = read_json_object(path, "config.json")
-    check_config(cfg, str(path))
-    return cfg
-
-
 def _g(n: int | None) -> str:
     return "none" if n is None else f"{n / GIB:.2f} GiB"
 
 
 def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens: int, cpu: bool) -> dict[str, int]:
     """Bytes on the compute device for each step of one block (float32 compute, float64 math)."""
-    h, a, kv, i = s.hidden, s.attn, s.kv, s.inter
+    h, i = s.hidden, s.neurons
     block = 4 * s.block_params
     # live floats per token in a block forward: chunk in/out and residual, the FFN's gate, up,
     # act, product and the score hook's |a|; attention q/k/v with rotary copies; CPU sdpa also
     # materializes the heads x seqlen scores of each window
     ffn = 3 * h + 5 * i
-    att = 3 * h + 3 * a + 4 * kv + (s.heads * seqlen if cpu else 0)
+    att = 3 * h + 2 * s.qkv_out + s.attn + (s.heads * seqlen if cpu else 0)
     acts = 4 * tokens * max(ffn, att)
-    covs = 4 * (2 * h * h + a * a + i * i)
-    m = i - int(round(prime_ratio * i)) if method == "sola" else i
-    whiten = 0 if method == "svd" else 8 * (2 * m * m + 2 * h * h + a * a)  # float64 C and L, kept L's
-    bases = 8 * (min(a, h) ** 2 * 2 + min(kv, h) ** 2 * 2 + min(m, h) ** 2 * 3)
+    squares = sum(w * w for w in s.group_widths)
+    covs = 4 * squares
+    m = marginal_neurons(s, method, prime_ratio)
+    whiten = 0 if method == "svd" else 8 * (2 * m * m + squares - i * i)  # float64 C and L, kept L's
+    bases = 8 * sum(min(out, inp) ** 2 for out, inp in s.factored_dims(m))
     transient = 8 * (2 * h * m + 2 * min(h, m) ** 2)  # W L, its Gram and eigh's workspace
     return {"block (float32)": block, "activations (one chunk)": acts, "covariances (float32)": covs,
             "decomposition (float64)": whiten + bases + transient,
             "peak statistics pass": block + acts + covs,
             "peak decomposition": covs + whiten + bases + transient,
             "peak propagation": block + acts}
+
+
+def marginal_neurons(s: Shapes, method: str, prime_ratio: float) -> int:
+    return s.neurons - int(round(prime_ratio * s.neurons)) if method == "sola" else s.neurons
 
 
 def make_plan(cfg: dict, options, device: torch.device, budget_device: int | None = None,
@@ -186,7 +199,7 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
 
     weights = s.storage_bytes * s.block_params
     host = {"runtime (torch, transformers)": RUNTIME_HOST,
-            "embeddings and head (float32)": 4 * s.vocab * s.hidden * (1 if s.tied else 2),
+            "embeddings and head (float32)": 4 * s.outer_params,
             "block weights (current + next)": 2 * weights,
             "compressed block being written": weights}
     if cpu:
@@ -205,15 +218,15 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
         dev["CUDA context"] = CUDA_CONTEXT
 
     out_block = int(weights * (1 - options.ratio)) + s.storage_bytes * 4 * s.hidden
-    disk = {"output shards": s.blocks * out_block + s.storage_bytes * s.vocab * s.hidden * (1 if s.tied else 2),
+    disk = {"output shards": s.blocks * out_block + s.storage_bytes * s.outer_params,
             "states checkpoints (two while running)": 2 * states}
 
     # forward (2 FLOP per weight per token, twice: statistics and propagation), covariances,
     # attention scores, and the decompositions (Cholesky + Gram + eigh, ~ n^3 terms)
     n_tok = options.nsamples * options.seqlen
-    h, i = s.hidden, s.inter
-    m = i - int(round(options.prime_ratio * i)) if options.method == "sola" else i
-    flops = (2 * 2 * s.block_params * n_tok + 2 * n_tok * (2 * h * h + s.attn ** 2 + i * i)
+    h = s.hidden
+    m = marginal_neurons(s, options.method, options.prime_ratio)
+    flops = (2 * 2 * s.block_params * n_tok + 2 * n_tok * sum(w * w for w in s.group_widths)
              + 2 * 2 * 2 * n_tok * options.seqlen * s.attn
              + (m ** 3 / 3 + 2 * h ** 3 + 2 * h * m * m + 10 * 4 * h ** 3 + 2 * h * m * h * 3))
     plan = Plan(device=device.type, batch_tokens=tokens, spill=spill, states_bytes=states, device_parts=dev,

@@ -10,22 +10,16 @@ from __future__ import annotations
 import copy
 
 import torch
-from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from sola_stream.families import Adapter, adapter_for, adapter_for_dict, base_model_type
+from sola_stream.families import Family, family_for, family_for_dict, meta_model, runtime_names, transformers_config
+from sola_stream.pipeline.block_forward import StopForward
 from sola_stream.storage.checkpoint import CheckpointReader
 from sola_stream.errors import InputError
 from sola_stream.storage.input_checks import check_config, check_layer_count, check_tensors
 
 # tensors some older checkpoints carry that the model recomputes (ignored when read)
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-
-
-class _StopForward(Exception):
-    pass
 
 
 class _Recorder(nn.Module):
@@ -41,7 +35,7 @@ class _Recorder(nn.Module):
         self.sink.setdefault("hidden", hidden_states)
         self.sink.setdefault("kwargs", {})[self.index] = kwargs
         if self.last:
-            raise _StopForward
+            raise StopForward
         return hidden_states
 
 
@@ -51,65 +45,55 @@ def load_config(reader: CheckpointReader):
     (model_type "sola_<family>") is read as its family's config."""
     where = str(reader.path / "config.json")
     # refuse unknown families before transformers does (its message is long and suggests upgrading)
-    adapter = adapter_for_dict(reader.config_dict, where)
-    check_config(reader.config_dict, where)
-    check_layer_count(reader.weight_map, adapter.layers_path, reader.config_dict["num_hidden_layers"], where)
-    family = base_model_type(reader.config_dict)
-    try:
-        if family != reader.config_dict.get("model_type"):
-            config = CONFIG_MAPPING[family].from_dict(
-                {k: v for k, v in reader.config_dict.items() if k not in ("model_type", "auto_map")})
-        else:
-            config = AutoConfig.from_pretrained(str(reader.path))
-    except Exception as exc:
-        raise InputError(f"{where}: cannot be read as a transformers config ({exc})") from None
-    # sdpa takes is_causal when no mask is given; eager would need a mask for every batch shape
-    config._attn_implementation = "sdpa"
-    return config
+    family = family_for_dict(reader.config_dict, where)
+    text = family.text(reader.config_dict, where)
+    check_config(text, where)
+    reader.rename(runtime_names(reader.config_dict, reader.names(), where))
+    check_layer_count(reader.weight_map, family.layers_path, text["num_hidden_layers"], where)
+    return transformers_config(reader.config_dict, where)
+
+
+def load_outer(model: nn.Module, reader: CheckpointReader, family: Family, config, dtype: torch.dtype) -> None:
+    """Embeddings, final norm and head into `model` (meta), names and shapes checked against it
+    first, values checked finite; a tied head shares the embedding's weight."""
+    prefix = family.layers_path + "."
+    names = [n for n in reader.names() if not n.startswith(prefix) and not n.endswith(IGNORED_SUFFIXES)]
+    head = family.head_path + ".weight"
+    tied = getattr(config, "tie_word_embeddings", False) and head not in names
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()
+                if not n.startswith(prefix) and not (tied and n == head)}
+    check_tensors(expected, {n: reader.shape(n) for n in names}, "", str(reader.path))
+    state = {}
+    for name in names:
+        t = reader.get(name)
+        if not torch.isfinite(t).all():
+            raise InputError(f"{reader.path / reader.weight_map[name]}: tensor {name!r} has NaN or Inf")
+        state[name] = t.to(dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.get_submodule(family.head_path).weight = model.get_input_embeddings().weight
 
 
 class Skeleton:
     def __init__(self, reader: CheckpointReader, dtype: torch.dtype = torch.float32):
         self.reader = reader
         self.config = load_config(reader)
-        self.adapter: Adapter = adapter_for(self.config, str(reader.path / "config.json"))
+        self.family: Family = family_for(self.config, str(reader.path / "config.json"))
         self.dtype = dtype
-        try:
-            with init_empty_weights(include_buffers=False):
-                model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
-        except Exception as exc:  # e.g. widths that do not divide into heads
-            raise InputError(f"{reader.path / 'config.json'}: cannot build the model it describes "
-                             f"({type(exc).__name__}: {exc})") from None
-        layers = model.get_submodule(self.adapter.layers_path)
+        model = meta_model(self.config, str(reader.path / "config.json"), dtype)
+        layers = model.get_submodule(self.family.layers_path)
         self.num_blocks = len(layers)
         self._meta_blocks = list(layers)
+        for block in self._meta_blocks:  # the family's description fits the blocks transformers builds
+            self.family.check(block, str(reader.path / "config.json"))
         if "sola" not in reader.config_dict:  # dense blocks: names and shapes known before any work
             for i in range(self.num_blocks):
                 self.check_block(i)
         self._sink: dict = {}
         recorders = [_Recorder(i, i == self.num_blocks - 1, self._sink) for i in range(self.num_blocks)]
-        model.set_submodule(self.adapter.layers_path, nn.ModuleList(recorders))
-        self._load_outer(model)
+        model.set_submodule(self.family.layers_path, nn.ModuleList(recorders))
+        load_outer(model, reader, self.family, self.config, dtype)
         self.model = model.eval()
-
-    def _load_outer(self, model: nn.Module) -> None:
-        """Embeddings, final norm and head: names and shapes checked against the model first."""
-        prefix = self.adapter.layers_path + "."
-        names = [n for n in self.reader.names() if not n.startswith(prefix) and not n.endswith(IGNORED_SUFFIXES)]
-        head = self.adapter.head_path + ".weight"
-        tied = getattr(self.config, "tie_word_embeddings", False) and head not in names
-        expected = {n: tuple(t.shape) for n, t in model.state_dict().items()
-                    if not n.startswith(prefix) and not (tied and n == head)}
-        check_tensors(expected, {n: self.reader.shape(n) for n in names}, "", str(self.reader.path))
-        state = {}
-        for name in names:
-            t = self.reader.get(name)
-            if not torch.isfinite(t).all():
-                raise InputError(f"{self.reader.path / self.reader.weight_map[name]}: tensor {name!r} has NaN or Inf")
-            state[name] = t.to(self.dtype)
-        model.load_state_dict(state, strict=False, assign=True)
-        if tied:
-            model.get_submodule(self.adapter.head_path).weight = model.get_input_embeddings().weight
 
     @property
     def hidden_size(self) -> int:
@@ -121,7 +105,7 @@ class Skeleton:
 
     def check_block(self, index: int) -> None:
         """A dense block's tensor names and shapes in the checkpoint equal the model's."""
-        prefix = self.adapter.block_prefix(index)
+        prefix = self.family.block_prefix(index)
         expected = {n: tuple(t.shape) for n, t in self._meta_blocks[index].state_dict().items()}
         actual = {n[len(prefix):]: self.reader.shape(n) for n in self.reader.names(prefix)
                   if not n.endswith(IGNORED_SUFFIXES)}
@@ -137,12 +121,17 @@ class Skeleton:
         self._sink.clear()
         try:
             self.model(input_ids=input_ids, use_cache=False)
-        except _StopForward:
+        except StopForward:
             pass
         return self._sink["hidden"], self._sink["kwargs"]
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        norm = self.model.get_submodule(self.adapter.norm_path)
-        head = self.model.get_submodule(self.adapter.head_path)
-        return head(norm(hidden))
+        norm = self.model.get_submodule(self.family.norm_path)
+        head = self.model.get_submodule(self.family.head_path)
+        logits = head(norm(hidden))
+        text = self.config.get_text_config()
+        cap = getattr(text, self.family.logit_softcap, None) if self.family.logit_softcap else None
+        if cap:  # Gemma 2/3: the family's CausalLM applies it after the head
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from sola_stream.families import OUTPUT_PREFIX, adapter_for_dict
+from sola_stream.families import OUTPUT_PREFIX, family_for_dict
 from sola_stream.storage.checkpoint import INDEX_NAME, CheckpointReader
 from sola_stream.storage.atomic import atomic_copy
 from sola_stream.errors import InputError
@@ -31,16 +31,16 @@ def upgrade(path: str) -> str:
         return f"{path}: already self-contained (model_type {config['model_type']}); nothing to do"
     if (reader.path / MARKER).exists():
         read_marker(reader.path)  # a damaged marker is refused before anything changes
-    adapter = adapter_for_dict(config, where)
+    family = family_for_dict(config, where)
     skeleton = Skeleton(reader)  # config, shapes and outer tensors checked
-    sola = dict(check_sola_section(config["sola"], skeleton.num_blocks, adapter.linears, where))
-    sola.update(base_model_type=adapter.family, layers_path=adapter.layers_path,
-                input_groups=[list(adapter.qkv), list(adapter.ffn_in)])
+    sola = dict(check_sola_section(config["sola"], skeleton.num_blocks, family.linears, where))
+    sola.update(base_model_type=family.name, layers_path=family.layers_path,
+                input_groups=family.shared_inputs)
     base = {k: v for k, v in config.items() if k != "sola"}
-    data = (json.dumps(output_config(base, type(skeleton.model).__name__, sola), indent=2) + "\n").encode()
+    data = (json.dumps(output_config(base, type(skeleton.model), sola), indent=2) + "\n").encode()
     atomic_copy(MODELING_SOURCE, reader.path / MODELING_FILE)
     pin_tokenizer_class(reader.path, type(load_tokenizer(reader.path, skeleton.config)).__name__)
     names = sorted({*reader.weight_map.values(), INDEX_NAME, "config.json", MODELING_FILE, TOKENIZER_CONFIG,
                     *(p.name for p in reader.extra_files())})
     finish_output(reader.path, names, {}, "config.json", data)
-    return f"{path}: upgraded (model_type {OUTPUT_PREFIX + adapter.family}, {MODELING_FILE} written, {MARKER} added)"
+    return f"{path}: upgraded (model_type {OUTPUT_PREFIX + family.name}, {MODELING_FILE} written, {MARKER} added)"

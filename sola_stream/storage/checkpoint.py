@@ -25,14 +25,11 @@ SINGLE_NAME = "model.safetensors"
 EXTRA_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json",
                "chat_template.jinja", "chat_template.json", "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE",
-               "USE_POLICY.md")  # not README.md: the output gets its own model card (card.py)
-_TORCH_DTYPE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+               "USE_POLICY.md")  # not README.md: the output gets its own model card (storage/card.py)
 MAX_JSON_BYTES = 64 << 20  # config.json / index.json larger than this are refused, not parsed
 MAX_EXTRA_BYTES = 1 << 30  # a tokenizer file larger than this is not a tokenizer file
-# bytes per element of the dtypes a checkpoint may hold (safetensors names); others are refused
-FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
-DTYPE_BYTES = {**FLOAT_DTYPES, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# the tensor dtypes a checkpoint may hold (safetensors names); others are refused
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def read_json_object(path: Path, what: str = "JSON file") -> dict:
@@ -61,8 +58,12 @@ def confinement_root(path: Path) -> Path:
     return real
 
 
-def resolve_model_path(model: str) -> Path:
-    """A local directory as is; otherwise a hub id, downloaded (safetensors and tokenizer only)."""
+# what a compress run downloads for a hub id: weights, configs, tokenizer files, licence
+HUB_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "LICENSE*")
+
+
+def resolve_model_path(model: str, patterns=HUB_PATTERNS) -> Path:
+    """A local directory as is; otherwise a hub id, downloaded (only the files `patterns` match)."""
     path = Path(model)
     if path.is_dir():
         return path
@@ -71,10 +72,20 @@ def resolve_model_path(model: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                             "*.jinja", "LICENSE*"]))
+        return Path(snapshot_download(model, allow_patterns=list(patterns)))
     except Exception as exc:  # offline, unknown repo, auth: one line is enough
         raise InputError(f"{model}: cannot download from the hub ({type(exc).__name__}: {exc})") from None
+
+
+def read_config(model: str) -> tuple[dict, Path]:
+    """config.json of a checkpoint directory, a config file itself, or a hub id (only config.json
+    is downloaded), and where it was read. JSON-level checks only: `check_config` does the fields."""
+    path = Path(model)
+    if not path.is_file():
+        path = resolve_model_path(model, ("config.json",)) / "config.json"
+        if not path.is_file():
+            raise InputError(f"{path}: no config.json")
+    return read_json_object(path, "config.json"), path
 
 
 def _shard_name(name, index: Path) -> str:
@@ -99,7 +110,19 @@ class CheckpointReader:
         self._handles: dict[str, object] = {}
         self._layouts: dict[str, dict] = {}
         self.weight_map = self._weight_map()
+        self._stored: dict[str, str] = {}  # name -> name in the file, where rename() changed it
         self._check_dtypes()
+
+    def rename(self, renames: dict[str, str]) -> None:
+        """Show tensors under other names from now on: {name in the file: new name}. The family
+        seam uses it so that every reader of a model sees its run-time module names."""
+        if not renames:
+            return
+        new = {renames.get(n, n): s for n, s in self.weight_map.items()}
+        if len(new) != len(self.weight_map):
+            raise InputError(f"{self.path}: two tensors would have the same name after the family's renaming")
+        self._stored = {renames.get(n, n): self._stored.get(n, n) for n in self.weight_map}
+        self.weight_map = new
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX_NAME
@@ -140,7 +163,7 @@ class CheckpointReader:
 
     def _slice(self, name: str):
         try:
-            return self._open(self.weight_map[name]).get_slice(name)
+            return self._open(self.weight_map[name]).get_slice(self._stored.get(name, name))
         except InputError:
             raise
         except Exception as exc:
@@ -158,7 +181,7 @@ class CheckpointReader:
             raise InputError(f"{self.path}: tensor {name!r} not found")
         shard = self.weight_map[name]
         try:
-            return self._open(shard).get_tensor(name)
+            return self._open(shard).get_tensor(self._stored.get(name, name))
         except InputError:
             raise
         except Exception as exc:
@@ -172,7 +195,7 @@ class CheckpointReader:
         numel = 1
         for d in sl.get_shape():
             numel *= d
-        return numel * DTYPE_BYTES[sl.get_dtype()]
+        return numel * FLOAT_DTYPES[sl.get_dtype()].itemsize
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """All tensors under `prefix`, keyed by the name relative to it (copies in RAM). The shard
@@ -201,8 +224,8 @@ class CheckpointReader:
         h = hashlib.sha256()
         for name in sorted(self.names(prefix) if names is None else names):
             shard = self.weight_map[name]
-            dtype, shape, start, end = self._layout(shard)[name]
-            h.update(f"{name[len(prefix):]}|{_TORCH_DTYPE[dtype]}|{shape}\n".encode())
+            dtype, shape, start, end = self._layout(shard)[self._stored.get(name, name)]
+            h.update(f"{name[len(prefix):]}|{FLOAT_DTYPES[dtype]}|{shape}\n".encode())
             with open(self.path / shard, "rb") as fh:
                 fh.seek(start)
                 left = end - start

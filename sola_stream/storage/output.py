@@ -19,7 +19,7 @@ from sola_stream.families import OUTPUT_PREFIX
 from sola_stream.storage.card import CARD, EVALS, write_card
 from sola_stream.storage.runlog import LOG_NAME
 from sola_stream.storage.atomic import atomic_copy, atomic_save_tensors, atomic_write_bytes, atomic_write_json, file_sha256
-from sola_stream.storage.checkpoint import DTYPE_BYTES, INDEX_NAME, CheckpointReader, read_json_object
+from sola_stream.storage.checkpoint import FLOAT_DTYPES, INDEX_NAME, CheckpointReader, read_json_object
 
 OUTER_SHARD = "model-outer.safetensors"
 MODELING_FILE = "modeling_sola.py"  # the package's own inference layers, for trust_remote_code
@@ -56,14 +56,15 @@ def model_params(reader: CheckpointReader) -> int:
     return total
 
 
-def output_config(input_config: dict, arch: str, sola: dict) -> dict:
+def output_config(input_config: dict, model_class: type, sola: dict) -> dict:
     """The input's config.json made an output's: the `sola` section, and the classes of
-    modeling_sola.py for transformers' auto classes (`arch`: the family's CausalLM class name).
+    modeling_sola.py for transformers' auto classes (`model_class`: the family's CausalLM class;
+    its config class is named separately, as Gemma 3's text model has Gemma3TextConfig).
     model_type becomes "sola_<family>", which transformers only knows through that file."""
-    family = arch[: -len("ForCausalLM")]
+    arch, config_name = model_class.__name__, model_class.config_class.__name__
     config = dict(input_config)
     config.update(model_type=OUTPUT_PREFIX + sola["base_model_type"], architectures=[f"Sola{arch}"],
-                  auto_map={"AutoConfig": f"{MODELING_FILE[:-3]}.Sola{family}Config",
+                  auto_map={"AutoConfig": f"{MODELING_FILE[:-3]}.Sola{config_name}",
                             "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.Sola{arch}"},
                   sola=sola)
     return config
@@ -80,7 +81,7 @@ def pin_tokenizer_class(out_dir: Path, tokenizer_class: str) -> None:
     atomic_write_bytes(path, (json.dumps(config, indent=2) + "\n").encode())
 
 
-def finish(out_dir: Path, reader: CheckpointReader, num_blocks: int, layers_prefix: str, arch: str,
+def finish(out_dir: Path, reader: CheckpointReader, num_blocks: int, layers_prefix: str, model_class: type,
            tokenizer_class: str, sola: dict) -> bytes:
     """Everything after the last block but config.json: outer shard, index, modeling file, extra
     files (the tokenizer class pinned). Returns config.json's content, which the caller writes
@@ -96,7 +97,7 @@ def finish(out_dir: Path, reader: CheckpointReader, num_blocks: int, layers_pref
     for src in reader.extra_files():
         atomic_copy(src, out_dir / src.name)
     pin_tokenizer_class(out_dir, tokenizer_class)
-    config = output_config(reader.config_dict, arch, sola)
+    config = output_config(reader.config_dict, model_class, sola)
     write_card(out_dir, config)
     return (json.dumps(config, indent=2) + "\n").encode()
 
@@ -110,7 +111,7 @@ def write_index(out_dir: Path, weight_map: dict[str, str]) -> None:
                 numel = 1
                 for d in sl.get_shape():
                     numel *= d
-                total += numel * DTYPE_BYTES[sl.get_dtype()]
+                total += numel * FLOAT_DTYPES[sl.get_dtype()].itemsize  # outputs hold float tensors only
     atomic_write_json(out_dir / INDEX_NAME, {
         "metadata": {"total_size": total},
         "weight_map": dict(sorted(weight_map.items())),

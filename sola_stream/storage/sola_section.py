@@ -54,6 +54,10 @@ def check_sola_section(sola, num_blocks: int, linears: tuple[str, ...], where: s
                 bad(field + ".prime", f"is {prime!r}, not a positive integer")
             if (prime is None) != (split is None) or split not in (None, "out", "in"):
                 bad(field + ".split", f"is {split!r}; 'out' or 'in' with a prime count, else absent")
+            chunks = spec.get("chunks", 1)
+            if not isinstance(chunks, int) or isinstance(chunks, bool) or not 1 <= chunks <= 64 or \
+                    (chunks > 1 and split != "out"):
+                bad(field + ".chunks", f"is {chunks!r}, not an integer in [1, 64] (above 1 only with split 'out')")
     return sola
 
 
@@ -63,7 +67,7 @@ def block_specs(sola: dict | None, index: int) -> dict | None:
 
 
 def build_checked(build, where: str, index: int):
-    """`build()` (modules.build_block) with its ValueError as a one-line input error."""
+    """`build()` (nn/build.build_block) with its ValueError as a one-line input error."""
     try:
         return build()
     except ValueError as exc:

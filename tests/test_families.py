@@ -1,0 +1,96 @@
+"""Family descriptions (sola_stream.families): every registered family is tested, a description that
+does not fit the family's block is a one-line input error, and a block compressed with nothing
+dropped (ratio 0, prime split on) computes what the dense block computes in every family, which
+checks the neuron bookkeeping (fused gate_up chunks included) against the family's own forward."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import ALL_FAMILIES
+from sola_stream.errors import InputError
+from sola_stream.families import FAMILIES, InputGroup, Neurons, family_for, family_for_dict
+from sola_stream.method.block_compress import compress_block
+from sola_stream.nn.build import build_block, linear_params
+from sola_stream.pipeline.block_forward import BlockStats
+
+
+def test_every_registered_family_has_a_tiny_model_test():
+    assert set(FAMILIES) == set(ALL_FAMILIES)
+
+
+def test_unsupported_family_lists_the_supported_ones():
+    with pytest.raises(InputError) as err:
+        family_for_dict({"model_type": "gpt2"}, "m/config.json")
+    msg = str(err.value)
+    assert "m/config.json" in msg and "gpt2" in msg and all(f in msg for f in FAMILIES) and "\n" not in msg
+
+
+@pytest.fixture(scope="module")
+def llama_block(tiny_models):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
+    return model.model.layers[0]
+
+
+@pytest.mark.parametrize("change,expect", [
+    (dict(groups=(InputGroup("attn_in", ("self_attn.qkv_proj",)),)), "'self_attn.qkv_proj'"),
+    (dict(groups=(InputGroup("x", ("self_attn.q_proj", "mlp.down_proj")),)), "input widths differ"),
+    (dict(neurons=Neurons(rows=("mlp.gate_proj",), cols="mlp.down_proj", chunks=2)), "expected 2 x 176 rows"),
+    (dict(neurons=Neurons(rows=("input_layernorm",), cols="mlp.down_proj")), "expects nn.Linear"),
+])
+def test_description_that_does_not_fit_the_block_is_refused(llama_block, change, expect):
+    family = dataclasses.replace(FAMILIES["llama"], **change)
+    with pytest.raises(InputError) as err:
+        family.check(llama_block, "m/config.json")
+    assert expect in str(err.value) and str(err.value).startswith("m/config.json: ") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("family_name", ALL_FAMILIES)
+def test_nothing_dropped_reproduces_the_dense_model(tiny_models, family_name):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[family_name], dtype=torch.float32).eval()
+    family = family_for(model.config)
+    layers = model.get_submodule(family.layers_path)
+    ids = torch.randint(0, model.config.get_text_config().vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    stats = BlockStats(layers[0], family)
+    with torch.no_grad():
+        ref = model(ids).logits
+    stats.remove()
+    weights = {k: v.clone() for k, v in layers[0].state_dict().items()}
+    res = compress_block(weights, dict(stats.cov), stats.neuron_scores(), family, "sola", 0.0, 0.25, torch.float32)
+    rows, cols = family.neurons.rows, family.neurons.cols
+    assert all(res.specs[n]["prime"] == round(0.25 * 176) for n in (*rows, cols))
+    assert res.kept_params <= res.dense_params
+    assert res.kept_params == sum(linear_params(res.specs[n], *weights[n + ".weight"].shape) for n in family.linears)
+    layers[0] = build_block(layers[0], res.tensors, res.specs, "cpu", torch.float32)
+    with torch.no_grad():
+        out = model(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))
+
+
+def test_multimodal_checkpoint_compresses_the_text_tower_only(tiny_models, tmp_path):
+    """Gemma 3 with a vision tower: its checkpoint names (`language_model.model.layers...`) are read
+    under the model's run-time names, the text blocks are compressed, and every other tensor (vision
+    tower, projector, embeddings) reaches the output with the same values."""
+    import json
+
+    import sola_stream
+    from sola_stream.families import runtime_names
+    from sola_stream.storage.checkpoint import CheckpointReader
+
+    src, out = tiny_models["gemma3"], tmp_path / "out"
+    sola_stream.compress(src, out, ratio=0.3, nsamples=4, seqlen=32, progress=False)
+    inp, res = CheckpointReader(src), CheckpointReader(out)
+    renames = runtime_names(inp.config_dict, inp.names())
+    assert renames["language_model.model.layers.0.mlp.down_proj.weight"] == \
+        "model.language_model.layers.0.mlp.down_proj.weight"
+    blocks = FAMILIES["gemma3"].layers_path + "."
+    others = [n for n in inp.names() if not renames.get(n, n).startswith(blocks)]
+    assert any("vision_tower" in n for n in others) and any("multi_modal_projector" in n for n in others)
+    for name in others:
+        assert torch.equal(res.get(renames.get(name, name)), inp.get(name)), name
+    sola = json.loads((out / "config.json").read_text())["sola"]
+    assert sola["layers_path"] == FAMILIES["gemma3"].layers_path and abs(sola["achieved_ratio_blocks"] - 0.3) < 0.005
+    assert set(sola["blocks"][0]["layers"]) == set(FAMILIES["gemma3"].linears)
