@@ -176,6 +176,15 @@ def test_ratio_out_of_range(model, tmp_path, compress, option, value):
     assert not out.exists(), "output directory created for a rejected option"
 
 
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cuda:99999", "cuda:1"])
+def test_device_that_does_not_exist(model, tmp_path, compress, device):
+    before = snapshot(model)
+    out = tmp_path / "out"
+    code, _, err = compress(model, out, f"--device={device}")
+    assert_refused(code, err, before, (model,), out, "--device", device)
+    assert not out.exists()
+
+
 # -- 6. calibration text too short -------------------------------------------------------------
 def test_calibration_text_few_words(model, tmp_path, compress):
     calib = tmp_path / "calib.txt"

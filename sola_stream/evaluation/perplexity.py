@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from sola_stream.storage.calibration import default_eval_path, read_text, tokenize
 from sola_stream.pipeline.cpus import set_threads
 from sola_stream.storage.checkpoint import CheckpointReader
-from sola_stream.pipeline.engine import CompressOptions, embed_windows, load_tokenizer
+from sola_stream.pipeline.engine import embed_windows, load_tokenizer
+from sola_stream.pipeline.options import check_device, check_threads
 from sola_stream.errors import InputError
 from sola_stream.nn.build import build_block
 from sola_stream.pipeline.plan import DEFAULT_BATCH_TOKENS
@@ -43,10 +44,10 @@ def setup_device(device, threads: int | None, batch_tokens: int | None) -> torch
     """The checked device (auto: CUDA when available), CPU threads set, --batch-tokens checked."""
     if batch_tokens is not None and batch_tokens < 1:
         raise InputError(f"--batch-tokens: {batch_tokens} is not positive")
-    options = CompressOptions(device=str(device), threads=threads)
-    options.validate()
+    check_threads(threads)
+    resolved = check_device(str(device))
     set_threads(threads)
-    return options.resolved_device()
+    return resolved
 
 
 def open_model(model: str):

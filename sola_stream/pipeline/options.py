@@ -3,6 +3,7 @@ output bytes (the run fingerprint)."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -12,6 +13,27 @@ from sola_stream.storage.calibration import DEFAULT_NSAMPLES, DEFAULT_SEED, DEFA
 from sola_stream.errors import InputError
 
 PROPAGATE = ("compressed", "original")
+
+
+def check_device(device: str, need_device: bool = True) -> torch.device:
+    """The torch device that --device names (auto: CUDA when available, else the CPU); with
+    `need_device`, a CUDA device must exist on this machine. InputError otherwise."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d{1,4})?", device):
+        raise InputError(f"--device: {device!r} is not cpu, cuda or cuda:N")
+    if need_device and device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: CUDA is not available on this machine")
+        index = torch.device(device).index or 0
+        if index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(device)
+
+
+def check_threads(threads: int | None) -> None:
+    if threads is not None and not 1 <= threads <= 4096:
+        raise InputError(f"--threads: {threads} is out of range [1, 4096]")
 
 
 @dataclass
@@ -43,14 +65,10 @@ class CompressOptions:
             raise InputError(f"--prime-ratio: {self.prime_ratio} is out of range [0, 1)")
         if self.propagate not in PROPAGATE:
             raise InputError(f"--propagate: {self.propagate!r} is not one of {', '.join(PROPAGATE)}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise InputError(f"--device: {self.device!r} is not cpu, cuda or cuda:N")
-        if need_device and self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise InputError(f"--device {self.device}: CUDA is not available on this machine")
+        check_device(self.device, need_device)
         if self.nsamples < 1 or self.seqlen < 2 or (self.batch_tokens is not None and self.batch_tokens < 1):
             raise InputError("--nsamples, --seqlen and --batch-tokens must be positive (seqlen >= 2)")
-        if self.threads is not None and not 1 <= self.threads <= 4096:
-            raise InputError(f"--threads: {self.threads} is out of range [1, 4096]")
+        check_threads(self.threads)
         if not 0 <= self.seed < 2**64:
             raise InputError(f"--seed: {self.seed} is out of range [0, 2**64)")
         for name in ("max_gpu_memory", "max_host_memory"):
@@ -59,13 +77,11 @@ class CompressOptions:
                 raise InputError(f"--{name.replace('_', '-')}: {value} GiB is not a positive number")
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return check_device(self.device)
 
     def plan_device(self) -> torch.device:
         """The device a plan is for: as resolved_device, but `cuda` may be planned without a GPU."""
-        return self.resolved_device() if self.device == "auto" else torch.device(self.device)
+        return check_device(self.device, need_device=False)
 
     def result_options(self, device: torch.device) -> dict:
         """Every option that changes the output bytes (the run fingerprint)."""

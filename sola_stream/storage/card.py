@@ -32,11 +32,11 @@ def render(config: dict, evals: list[dict]) -> str:
     method = {"sola": f"SoLA (prime neurons {sola['prime_ratio']:.0%} of each FFN kept dense, whitened low-rank "
                       "factors, ranks allocated per block)",
               "svd-llm": "SVD-LLM-style whitened SVD, uniform ranks", "svd": "plain truncated SVD, uniform ranks"}
+    family = sola.get("base_model_type", config.get("model_type"))
+    short = {"sola": "SoLA", "svd-llm": "SVD-LLM", "svd": "SVD"}.get(sola["method"], sola["method"])
     lines = ["---", "library_name: transformers", "tags:", "- sola-stream", "- compressed", "- low-rank", "---", "",
-             f"# {sola.get('base_model_type', config.get('model_type'))} compressed with "
-             f"{ {'sola': 'SoLA', 'svd-llm': 'SVD-LLM', 'svd': 'SVD'}.get(sola['method'], sola['method'])}, "
-             f"ratio {sola['ratio']:g}", "",
-             f"A {sola.get('base_model_type', config.get('model_type'))} model compressed training-free with "
+             f"# {family} compressed with {short}, ratio {sola['ratio']:g}", "",
+             f"A {family} model compressed training-free with "
              f"sola-stream {sola.get('package_version', __version__)}.", "",
              "| | |", "|---|---|",
              f"| method | {method.get(sola['method'], sola['method'])} |",
