@@ -43,9 +43,10 @@ def train_tokenizer(vocab_size: int, text_chars: int = 200_000):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
-def model_shapes(cfg: dict) -> tuple[str, dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
-    """(blocks prefix, one block's tensor shapes relative to it, the outer tensors' shapes), read
-    off the family's model built from `cfg` on the meta device: every family sola_stream supports."""
+def model_shapes(cfg: dict) -> tuple[str, dict[str, tuple[int, ...]], dict[str, tuple[int, ...]], str]:
+    """(blocks prefix, one block's tensor shapes relative to it, the outer tensors' shapes, the input
+    embedding's name), read off the family's model built from `cfg` on the meta device: every
+    family sola_stream supports."""
     from sola_stream.families import family_for_dict, meta_model, transformers_config
 
     family = family_for_dict(cfg)
@@ -54,9 +55,10 @@ def model_shapes(cfg: dict) -> tuple[str, dict[str, tuple[int, ...]], dict[str, 
     state = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     block = {n[len(prefix) + 2:]: s for n, s in state.items() if n.startswith(prefix + "0.")}
     outer = {n: s for n, s in state.items() if not n.startswith(prefix)}
-    if getattr(model.config, "tie_word_embeddings", False):
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
         outer.pop(family.head_path + ".weight", None)
-    return prefix, block, outer
+    embed = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
+    return prefix, block, outer, embed
 
 
 def block_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
@@ -81,8 +83,9 @@ def make_checkpoint(config: Path, blocks: int, out: Path, seed: int = 0, tokeniz
     dtype = DTYPES[cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"]
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    prefix, block, outer_shapes = model_shapes(cfg)
-    h = cfg["hidden_size"]
+    prefix, block, outer_shapes, embed = model_shapes(cfg)
+    text = family_for_dict(cfg).text(cfg)
+    h = text["hidden_size"]
     weight_map: dict[str, str] = {}
     total = 0
     n_shards = blocks + 1
@@ -95,7 +98,7 @@ def make_checkpoint(config: Path, blocks: int, out: Path, seed: int = 0, tokeniz
         print(f"block {b + 1}/{blocks} -> {name}", flush=True)
     name = f"model-{n_shards:05d}-of-{n_shards:05d}.safetensors"
     # embeddings scaled so hidden states start at a realistic size; norms 1, heads N(0, 1/h)
-    outer = {k: random_tensor(s, dtype, gen) * (h ** 0.5 / 8 if k == "model.embed_tokens.weight" else 1)
+    outer = {k: random_tensor(s, dtype, gen) * (h ** 0.5 / 8 if k == embed else 1)
              for k, s in outer_shapes.items()}
     save_file(outer, str(out / name), metadata={"format": "pt"})
     weight_map.update({k: name for k in outer})
@@ -103,7 +106,7 @@ def make_checkpoint(config: Path, blocks: int, out: Path, seed: int = 0, tokeniz
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    train_tokenizer(min(tokenizer_vocab, cfg["vocab_size"])).save_pretrained(out)
+    train_tokenizer(min(tokenizer_vocab, text["vocab_size"])).save_pretrained(out)
     print(f"done: {blocks} blocks of {config.name}, {total / 2**30:.2f} GiB -> {out}")
     return out
 

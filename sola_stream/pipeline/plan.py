@@ -64,6 +64,9 @@ class Shapes:
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         neurons = family.neurons
         in_blocks = {id(p) for p in layers.parameters()}
+        head = model.get_submodule(family.head_path).weight
+        if getattr(text, "tie_word_embeddings", False) and head is not model.get_input_embeddings().weight:
+            in_blocks.add(id(head))  # tied at load, not on the meta device: the head is the embedding
         return cls(hidden=text.hidden_size, neurons=family.neuron_count(block),
                    attn=text.num_attention_heads * head_dim, qkv_out=sum(linears[n].out_features for n in first),
                    heads=text.num_attention_heads, blocks=family.text(cfg, where)["num_hidden_layers"],
