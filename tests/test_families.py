@@ -94,3 +94,30 @@ def test_multimodal_checkpoint_compresses_the_text_tower_only(tiny_models, tmp_p
     sola = json.loads((out / "config.json").read_text())["sola"]
     assert sola["layers_path"] == FAMILIES["gemma3"].layers_path and abs(sola["achieved_ratio_blocks"] - 0.3) < 0.005
     assert set(sola["blocks"][0]["layers"]) == set(FAMILIES["gemma3"].linears)
+
+
+@pytest.mark.parametrize("family_name", ["mixtral", "qwen3_moe"])
+def test_per_expert_module_computes_what_the_stacked_experts_compute(family_name):
+    """nn.Experts (one gated FFN per expert, the form experts are compressed in) reproduces the
+    family's own stacked 3-D experts module on the same weights and routing."""
+    from transformers import AutoModelForCausalLM as Auto
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from sola_stream.nn.modeling_sola import Experts
+
+    config = CONFIG_MAPPING[family_name](hidden_size=32, intermediate_size=48, moe_intermediate_size=48,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                         vocab_size=64, num_local_experts=4, num_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    moe = Auto.from_config(config).model.layers[0].mlp
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+        x = torch.randn(2, 10, 32)
+        ref = moe(x)
+        ref = ref[0] if isinstance(ref, tuple) else ref
+        moe.experts = Experts.from_stacked(moe.experts)
+        out = moe(x)
+        out = out[0] if isinstance(out, tuple) else out
+    assert len(moe.experts) == 4 and "3.down.weight" in dict(moe.experts.named_parameters())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

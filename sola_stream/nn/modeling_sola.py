@@ -123,6 +123,45 @@ class NeuronSplitLinear(nn.Module):
         return self.prime(x[..., : self.n_prime]) + self.marginal(x[..., self.n_prime:])
 
 
+class ExpertMLP(nn.Module):
+    """One expert of a mixture-of-experts block as a gated FFN of its own linear layers, so each
+    can be compressed like a dense FFN. Named gate/up/down (not gate_proj...): transformers would
+    otherwise take `experts.N.gate_proj.weight` for a checkpoint to stack into 3-D weights."""
+
+    def __init__(self, gate: nn.Module, up: nn.Module, down: nn.Module, act_fn):
+        super().__init__()
+        self.gate, self.up, self.down, self.act_fn = gate, up, down, act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act_fn(self.gate(x)) * self.up(x))
+
+
+class Experts(nn.ModuleList):
+    """Per-expert modules in place of a family's stacked-weight experts module (transformers 5
+    keeps all experts in 3-D tensors): the same call, experts(hidden, top_k_index, top_k_weights),
+    and the same routing arithmetic (each expert's output weighted and added to its tokens)."""
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e, expert in enumerate(self):
+            token_idx, top_k_pos = torch.where(top_k_index == e)
+            if token_idx.numel() == 0:
+                continue
+            y = expert(hidden_states[token_idx]) * top_k_weights[token_idx, top_k_pos, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+    @classmethod
+    def from_stacked(cls, module: nn.Module) -> "Experts":
+        """From a stacked module (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I], `act_fn`): its
+        weights split per expert (views, no copy; meta stays meta)."""
+        gate_up, down = module.gate_up_proj, module.down_proj
+        inter = gate_up.shape[1] // 2
+        return cls(ExpertMLP(dense_linear(gate_up[e, :inter], None), dense_linear(gate_up[e, inter:], None),
+                             dense_linear(down[e], None), module.act_fn) for e in range(gate_up.shape[0]))
+
+
 def fuse_shared_inputs(model: nn.Module, sola: dict) -> int:
     """Fuse the right factors of each input group of `sola["input_groups"]` whose layers are all
     compressed (FactoredLinear, or NeuronSplitLinear splitting outputs). Returns the groups fused."""
