@@ -49,7 +49,7 @@ def in_memory_reference(model_dir, opts: CompressOptions, tokenizer):
                 nonlocal abs_sum, tokens
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
                 covs[key] = covs.get(key, 0) + x.T @ x
-                if key == family.neuron_key:
+                if key == family.neuron_key(family.neurons):
                     abs_sum = x.abs().sum(0) if abs_sum is None else abs_sum + x.abs().sum(0)
                 if key == family.groups[0].key:
                     tokens += x.shape[0]
@@ -62,7 +62,8 @@ def in_memory_reference(model_dir, opts: CompressOptions, tokenizer):
             h.remove()
         prefix = family.block_prefix(i)
         weights = reader.tensors(prefix)  # the original (bf16) weights, as the engine sees them
-        result = compress_block(weights, covs, abs_sum / tokens, family, opts.method, opts.ratio,
+        scores = {family.neuron_key(family.neurons): abs_sum / tokens}
+        result = compress_block(weights, covs, scores, family, opts.method, opts.ratio,
                                 opts.prime_ratio, torch.bfloat16)
         expected.update({prefix + k: v for k, v in result.tensors.items()})
         for name, spec in result.specs.items():

@@ -65,9 +65,14 @@ class Family:
         return [list(g.linears) for g in self.groups if len(g.linears) > 1]
 
     @property
-    def neuron_key(self) -> str:
-        """The input group whose input is the neurons' activations (their scores come from it)."""
-        return self.group_of(self.neurons.cols)
+    def neuron_groups(self) -> tuple[Neurons, ...]:
+        """Every set of FFN neurons of a block: one FFN in a dense family (experts will add one
+        each, DESIGN.md). Each is split into prime and marginal neurons on its own scores."""
+        return (self.neurons,)
+
+    def neuron_key(self, neurons: Neurons) -> str:
+        """The input group whose input is these neurons' activations (their scores come from it)."""
+        return self.group_of(neurons.cols)
 
     def group_of(self, linear: str) -> str:
         return next(g.key for g in self.groups if linear in g.linears)
@@ -111,12 +116,13 @@ class Family:
             if len(set(widths.values())) != 1:
                 raise InputError(f"{where}: layers {', '.join(widths)} should read one input, but their input widths "
                                  f"differ ({', '.join(map(str, widths.values()))})")
-        count = linear(self.neurons.cols).in_features
-        for name in self.neurons.rows:
-            rows = linear(name).out_features
-            if rows != self.neurons.chunks * count:
-                raise InputError(f"{where}: {name!r} has {rows} output rows, {self.neurons.cols!r} has {count} input "
-                                 f"columns: expected {self.neurons.chunks} x {count} rows")
+        for neurons in self.neuron_groups:
+            count = linear(neurons.cols).in_features
+            for name in neurons.rows:
+                rows = linear(name).out_features
+                if rows != neurons.chunks * count:
+                    raise InputError(f"{where}: {name!r} has {rows} output rows, {neurons.cols!r} has {count} input "
+                                     f"columns: expected {neurons.chunks} x {count} rows")
 
     def neuron_count(self, block: nn.Module) -> int:
         return block.get_submodule(self.neurons.cols).in_features

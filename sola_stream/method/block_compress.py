@@ -43,12 +43,13 @@ def prime_order(scores: torch.Tensor, prime_ratio: float) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tensor], scores: torch.Tensor | None,
+def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
                    family: Family, method: str, ratio: float, prime_ratio: float,
                    storage_dtype: torch.dtype) -> BlockResult:
     """`weights`: block tensors by name relative to the block (linears' `.weight`, biases, norms).
-    `covs`: input covariances by group key (see pipeline/block_forward.py); the FFN-neuron one is consumed (removed
-    from the dict once whitened, so a 70B block's 3 GiB matrix does not outlive its use).
+    `covs`: input covariances by group key (see pipeline/block_forward.py); the FFN-neuron ones are
+    consumed (removed from the dict once whitened, so a 70B block's 3 GiB matrix does not outlive
+    its use). `scores`: neuron scores by the key of each neuron group's activations (SoLA only).
     Returns the compressed tensors."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
@@ -58,29 +59,33 @@ def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tenso
     whiteners: dict[str, tuple[torch.Tensor, float]] = {}
     dev = next(iter(covs.values())).device  # decompositions run where the statistics are
 
+    neuron_keys = {family.neuron_key(g) for g in family.neuron_groups}
+
     def whitener(key: str, index: torch.Tensor | None = None):
         wkey = key if index is None else key + ":marginal"
         if method == "svd":
             return None
         if wkey not in whiteners:
             c = covs[key] if index is None else covs[key][index][:, index]
-            if key == family.neuron_key:  # the largest statistic, used once: free it early (see pipeline/plan.py)
+            if key in neuron_keys:  # the largest statistics, each used once: freed early (see pipeline/plan.py)
                 covs.pop(key)
             whiteners[wkey] = cholesky_whitener(c, what=f"{key} covariance")
             del c
         return whiteners[wkey][0]
 
-    rows, cols, chunks = family.neurons.rows, family.neurons.cols, family.neurons.chunks
-    ffn = (*rows, cols)
-    split = method == "sola" and prime_ratio > 0
-    prime = marginal = None
-    if split:
-        prime, marginal = prime_order(scores, prime_ratio)
+    # per FFN: (prime, marginal) neurons, and the rows of its rows layers that hold each
+    splits: dict[str, tuple] = {}  # layer name -> (role, prime index, marginal index, chunks)
+    fixed = 0  # weights the prime neurons keep dense
+    for g in family.neuron_groups if method == "sola" and prime_ratio > 0 else ():
+        prime, marginal = prime_order(scores[family.neuron_key(g)], prime_ratio)
         if len(marginal) == 0:
-            split = False
-    if split:
+            continue
         count = len(prime) + len(marginal)
-        prime_rows, marginal_rows = stacked(prime, count, chunks), stacked(marginal, count, chunks)
+        for name in g.rows:
+            splits[name] = ("out", stacked(prime, count, g.chunks), stacked(marginal, count, g.chunks), g.chunks)
+            fixed += len(splits[name][1]) * shapes[name][1]
+        splits[g.cols] = ("in", prime, marginal, 1)
+        fixed += len(prime) * shapes[g.cols][0]
 
     # matrices to factor: the whole weight, or the marginal rows/columns of FFN layers
     targets: dict[str, torch.Tensor] = {}
@@ -88,11 +93,12 @@ def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tenso
     for name in linears:
         w = weights[name + ".weight"]
         key = family.group_of(name)
-        if split and name == cols:
+        if name in splits and splits[name][0] == "in":
+            marginal = splits[name][2]
             targets[name] = w[:, marginal]
             spectra[name] = spectrum(targets[name], whitener(key, marginal.to(dev)), dev)
-        elif split and name in rows:
-            targets[name] = w[marginal_rows]
+        elif name in splits:
+            targets[name] = w[splits[name][2]]
             spectra[name] = spectrum(targets[name], whitener(key), dev)
         else:
             targets[name] = w
@@ -100,7 +106,6 @@ def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tenso
 
     keep = 1.0 - ratio
     if method == "sola":
-        fixed = (sum(len(prime_rows) * shapes[n][1] for n in rows) + len(prime) * shapes[cols][0]) if split else 0
         budget = math.floor(keep * dense_params) - fixed
         if budget <= 0:
             raise ValueError(f"ratio {ratio} leaves no room beyond the prime neurons (prime ratio {prime_ratio})")
@@ -120,18 +125,19 @@ def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tenso
         error[name] = 0.0 if rank is None else float(sp.energy[rank:].sum()) / total
         spec: dict = {"rank": rank}
         own: dict[str, torch.Tensor] = {}
-        if split and name in ffn:
-            spec.update(prime=len(prime), split="in" if name == cols else "out")
-            if name == cols:
+        if name in splits:
+            role, prime, marginal, chunks = splits[name]
+            spec.update(prime=len(prime) // chunks, split=role)
+            if role == "in":
                 own["prime.weight"] = w[:, prime]
                 if bias is not None:
                     own["prime.bias"] = bias
             else:
                 if chunks > 1:
                     spec["chunks"] = chunks
-                own["prime.weight"] = w[prime_rows]
+                own["prime.weight"] = w[prime]
                 if bias is not None:
-                    own["prime.bias"], own["marginal.bias"] = bias[prime_rows], bias[marginal_rows]
+                    own["prime.bias"], own["marginal.bias"] = bias[prime], bias[marginal]
             own.update(_factored(targets[name], sp, rank, "marginal."))
         else:
             own.update(_factored(w, sp, rank, ""))

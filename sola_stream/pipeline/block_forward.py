@@ -19,7 +19,8 @@ class StopForward(Exception):
 
 class BlockStats:
     """Forward pre-hooks that accumulate X^T X per input group of the family while a block runs,
-    and each FFN neuron's sum of |a_j| on the input of the neuron columns' layer.
+    and each FFN neuron's sum of |a_j| on the input of its neuron columns' layer. Tokens are
+    counted per group: a group sees only the tokens that reach it.
 
     With `stop_early`, the hook of the last input group (the FFN output projection in every
     family so far) ends the chunk's forward there: in a statistics-only pass the projection itself
@@ -27,11 +28,11 @@ class BlockStats:
 
     def __init__(self, block: nn.Module, family: Family, stop_early: bool = False):
         self.stop_early = stop_early
-        self.first, self.last = family.groups[0].key, family.groups[-1].key
-        self.neuron_key = family.neuron_key
+        self.last = family.groups[-1].key
+        self.neuron_keys = {family.neuron_key(n) for n in family.neuron_groups}
         self.cov: dict[str, torch.Tensor] = {}
-        self.abs_sum: torch.Tensor | None = None
-        self.tokens = 0
+        self.abs_sum: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
         self._handles = [block.get_submodule(g.linears[0]).register_forward_pre_hook(self._hook(g.key))
                          for g in family.groups]
 
@@ -42,11 +43,10 @@ class BlockStats:
             if cov is None:
                 cov = self.cov[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
             cov.addmm_(x.T, x)
-            if key == self.first:
-                self.tokens += x.shape[0]
-            if key == self.neuron_key:
+            self.tokens[key] = self.tokens.get(key, 0) + x.shape[0]
+            if key in self.neuron_keys:
                 s = torch.linalg.vector_norm(x, ord=1, dim=0)  # sum |a_j| without an |x| copy
-                self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
+                self.abs_sum[key] = s if key not in self.abs_sum else self.abs_sum[key] + s
             if key == self.last and self.stop_early:
                 raise StopForward
         return hook
@@ -59,9 +59,10 @@ class BlockStats:
     def covariance(self, key: str) -> torch.Tensor:
         return self.cov[key]
 
-    def neuron_scores(self) -> torch.Tensor:
-        """Mean |a_j| over calibration tokens, one per FFN neuron."""
-        return self.abs_sum / max(self.tokens, 1)
+    def neuron_scores(self) -> dict[str, torch.Tensor]:
+        """Per neuron group (by the key of its activations' input group): mean |a_j| over the
+        calibration tokens that reached it, one per neuron."""
+        return {k: s / max(self.tokens[k], 1) for k, s in self.abs_sum.items()}
 
 
 @torch.no_grad()
