@@ -53,6 +53,7 @@ def test_nothing_dropped_reproduces_the_dense_model(tiny_models, family_name):
     model = AutoModelForCausalLM.from_pretrained(tiny_models[family_name], dtype=torch.float32).eval()
     family = family_for(model.config)
     layers = model.get_submodule(family.layers_path)
+    family.prepare(layers[0])  # experts as one FFN each (their stacked weights split, same outputs)
     ids = torch.randint(0, model.config.get_text_config().vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     stats = BlockStats(layers[0], family)
     with torch.no_grad():
@@ -60,8 +61,8 @@ def test_nothing_dropped_reproduces_the_dense_model(tiny_models, family_name):
     stats.remove()
     weights = {k: v.clone() for k, v in layers[0].state_dict().items()}
     res = compress_block(weights, dict(stats.cov), stats.neuron_scores(), family, "sola", 0.0, 0.25, torch.float32)
-    rows, cols = family.neurons.rows, family.neurons.cols
-    assert all(res.specs[n]["prime"] == round(0.25 * 176) for n in (*rows, cols))
+    for g in family.neuron_groups:
+        assert all(res.specs[n]["prime"] == round(0.25 * 176) for n in (*g.rows, g.cols))
     assert res.kept_params <= res.dense_params
     assert res.kept_params == sum(linear_params(res.specs[n], *weights[n + ".weight"].shape) for n in family.linears)
     layers[0] = build_block(layers[0], res.tensors, res.specs, "cpu", torch.float32)
@@ -121,3 +122,25 @@ def test_per_expert_module_computes_what_the_stacked_experts_compute(family_name
         out = out[0] if isinstance(out, tuple) else out
     assert len(moe.experts) == 4 and "3.down.weight" in dict(moe.experts.named_parameters())
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_expert_without_tokens_stays_dense_and_is_reported(tiny_models):
+    """An expert no calibration token was routed to has no statistics: it is kept dense, listed in
+    the result (the manifest records it), and the block still meets its budget."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["mixtral"], dtype=torch.float32).eval()
+    family = family_for(model.config)
+    block = family.prepare(model.model.layers[0])
+    stats = BlockStats(block, family)
+    with torch.no_grad():
+        model(torch.randint(0, 384, (2, 32), generator=torch.Generator().manual_seed(0)))
+    stats.remove()
+    covs, scores = dict(stats.cov), stats.neuron_scores()
+    for key in ("expert3_in", "expert3_mid"):  # as if the router never chose expert 3
+        covs.pop(key)
+    scores.pop("expert3_mid")
+    weights = {k: v.clone() for k, v in block.state_dict().items()}
+    res = compress_block(weights, covs, scores, family, "sola", 0.3, 0.15, torch.float32)
+    assert sorted(res.starved) == ["mlp.experts.3.down", "mlp.experts.3.gate", "mlp.experts.3.up"]
+    assert all(res.specs[n] == {"rank": None} for n in res.starved)
+    assert "mlp.experts.3.gate.weight" in res.tensors
+    assert abs(1 - res.kept_params / res.dense_params - 0.3) < 0.005

@@ -12,7 +12,7 @@ from conftest import ROOT_TOOLS
 from make_synthetic_checkpoint import block_shapes, make_checkpoint
 from sola_stream.storage.checkpoint import CheckpointReader
 from sola_stream.pipeline.engine import CompressOptions, compress
-from sola_stream.families import family_for_dict
+from sola_stream.families import family_for, family_for_dict, transformers_config
 from sola_stream.pipeline.plan import Shapes
 
 
@@ -20,7 +20,7 @@ from sola_stream.pipeline.plan import Shapes
 # tower included): read off the meta model built from each config, as `plan` does
 PUBLISHED = {"llama-2-7b": 6.74e9, "llama-2-70b": 68.98e9, "mistral-7b": 7.24e9, "llama-3.2-1b": 1.24e9,
              "llama-3.1-405b": 405.85e9, "qwen2.5-7b": 7.62e9, "qwen2.5-72b": 72.7e9, "gemma-2-9b": 9.24e9,
-             "phi-3-mini-4k": 3.82e9, "gemma-3-27b": 27.4e9}
+             "phi-3-mini-4k": 3.82e9, "gemma-3-27b": 27.4e9, "mixtral-8x7b": 46.7e9}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -29,15 +29,17 @@ def test_real_configs_give_published_parameter_counts(name):
     s = Shapes.from_config(cfg)
     params = s.blocks * s.block_params + s.outer_params
     assert abs(params - PUBLISHED[name]) / PUBLISHED[name] < 0.005, (name, params)
-    linears = {k: v for k, v in block_shapes(cfg).items() if len(v) == 2}
-    assert s.block_params == sum(torch.Size(v).numel() for v in linears.values())  # what the tool writes
+    family = family_for(transformers_config(cfg))  # experts counted
+    shapes = block_shapes(cfg)  # what the tool writes
+    assert s.block_params == sum(torch.Size(shapes[n + ".weight"]).numel() for n in family.linears)
 
 
 # real configs at a test-friendly width, one per family layout
-SMALL = dict(hidden_size=128, intermediate_size=448, num_attention_heads=4, num_key_value_heads=1, vocab_size=1000)
+SMALL = dict(hidden_size=128, intermediate_size=448, num_attention_heads=4, num_key_value_heads=1, vocab_size=1000,
+             num_local_experts=4)
 
 
-@pytest.mark.parametrize("name", ["mistral-7b", "qwen2.5-7b", "phi-3-mini-4k", "gemma-2-9b", "gemma-3-27b"])
+@pytest.mark.parametrize("name", ["mistral-7b", "qwen2.5-7b", "phi-3-mini-4k", "gemma-2-9b", "gemma-3-27b", "mixtral-8x7b"])
 def test_synthetic_checkpoint_compresses_and_loads(tmp_path, name):
     cfg = json.loads((ROOT_TOOLS / "configs" / f"{name}.json").read_text())
     if "text_config" in cfg:

@@ -76,7 +76,8 @@ def test_output_loads_with_transformers_alone(tiny_tokenizer, tmp_path, family, 
     assert report["class"] == config["architectures"][0]
     logits = torch.tensor(report["logits"])
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
-    assert torch.equal(torch.tensor(report["resaved_logits"]), logits)
+    # the same weights (a mixture of experts may differ in the last float bit between two loads)
+    torch.testing.assert_close(torch.tensor(report["resaved_logits"]), logits, rtol=0, atol=1e-5)
     assert report["bf16_dtype"] == "torch.bfloat16"
     assert (torch.tensor(report["bf16_logits"]) - ref).abs().max() < 0.1 * ref.abs().max()
     generated = report["generate"]

@@ -47,10 +47,12 @@ def model_shapes(cfg: dict) -> tuple[str, dict[str, tuple[int, ...]], dict[str, 
     """(blocks prefix, one block's tensor shapes relative to it, the outer tensors' shapes, the input
     embedding's name), read off the family's model built from `cfg` on the meta device: every
     family sola_stream supports."""
-    from sola_stream.families import family_for_dict, meta_model, transformers_config
+    from sola_stream.families import family_for, family_for_dict, meta_model, transformers_config
 
-    family = family_for_dict(cfg)
-    model = meta_model(transformers_config(family.with_blocks(cfg, 1)))
+    config = transformers_config(family_for_dict(cfg).with_blocks(cfg, 1))
+    family = family_for(config)
+    model = meta_model(config)
+    family.prepare(model.get_submodule(family.layers_path)[0])  # experts as per-expert layers
     prefix = family.layers_path + "."
     state = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     block = {n[len(prefix) + 2:]: s for n, s in state.items() if n.startswith(prefix + "0.")}

@@ -10,13 +10,19 @@ TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=176, num_hidden_la
 
 
 # every family sola_stream supports (sola_stream.families.FAMILIES), each with a tiny model in the tests
-ALL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3")
+ALL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3", "mixtral", "qwen2_moe",
+                "qwen3_moe")
 # per-family settings a tiny model needs (Gemma and Qwen3 default to head_dim 256 and 128; Phi-3 to pad id 32000).
 # Gemma's logit soft-cap is set small enough to change a tiny model's logits (|logit| < 1), so a
 # streamed evaluation that forgot it would not match the family's own forward.
 FAMILY_TINY = {"llama": dict(tie_word_embeddings=True), "phi3": dict(pad_token_id=0), "qwen3": dict(head_dim=16),
                "gemma2": dict(head_dim=16, final_logit_softcapping=0.25),
-               "gemma3_text": dict(head_dim=16, final_logit_softcapping=0.25)}
+               "gemma3_text": dict(head_dim=16, final_logit_softcapping=0.25),
+               # 4 experts, 2 per token: every expert sees about half the calibration tokens
+               "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+               "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=176,
+                                 shared_expert_intermediate_size=176),
+               "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=176, head_dim=16)}
 # multimodal families: the tiny language model goes under text_config, beside a tiny vision tower
 MULTIMODAL_TINY = {"gemma3": dict(
     text=dict(head_dim=16),

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from sola_stream.families import family_for_dict, meta_model
+from sola_stream.families import family_for, meta_model
 from sola_stream.storage.checkpoint import CheckpointReader, read_json_object
 from sola_stream.errors import InputError
 from sola_stream.nn.build import check_layer_shapes, linear_params
@@ -21,11 +21,11 @@ def summary_dict(path: str) -> dict:
     if "sola" not in config:
         raise InputError(f"{config_file}: no 'sola' section (not a sola_stream output)")
     reader = CheckpointReader(path)
-    family = family_for_dict(config, str(config_file))
     model_config = load_config(reader)
+    family = family_for(model_config, str(config_file))
     sola = check_sola_section(config["sola"], family.text(config, str(config_file))["num_hidden_layers"],
                               family.linears, str(config_file))
-    layers = meta_model(model_config, str(config_file)).get_submodule(family.layers_path)
+    layers = [family.prepare(b) for b in meta_model(model_config, str(config_file)).get_submodule(family.layers_path)]
     rows = []
     for i, block in enumerate(sola["blocks"]):
         prefix = family.block_prefix(i)

@@ -10,7 +10,8 @@ the family's own transformers classes. To add a family, see docs/DESIGN.md.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import torch
@@ -40,10 +41,21 @@ class Neurons:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts FFN. transformers 5 runs all experts from stacked 3-D weights; blocks
+    are built with that module replaced by nn.Experts (one gated FFN of linear layers `gate`,
+    `up`, `down` per expert), so each expert is compressed like any FFN."""
+
+    path: str  # the family's experts module in a block
+    count: str  # text config attribute holding the number of experts
+    stored: tuple[str, str, str]  # the checkpoint's per-expert gate, up and down layer names
+
+
+@dataclass(frozen=True)
 class Family:
     name: str  # transformers' model_type
     groups: tuple[InputGroup, ...]
-    neurons: Neurons
+    neurons: Neurons | None  # the dense FFN (a shared expert), None in a family of experts only
     layers_path: str = "model.layers"  # the ModuleList of decoder blocks in the CausalLM
     norm_path: str = "model.norm"  # final norm, applied after the last block
     head_path: str = "lm_head"
@@ -54,6 +66,31 @@ class Family:
     # multimodal checkpoints: the config.json key holding the language model's own fields (its
     # blocks are compressed; everything else, such as a vision tower, is copied untouched)
     text_config: str | None = None
+    experts: Experts | None = None
+    expert_neurons: tuple[Neurons, ...] = ()  # one per expert, filled by bind()
+
+    def bind(self, config) -> "Family":
+        """The description for one model: a family of experts gets one input group pair and one
+        neuron group per expert (their number is in the config)."""
+        if self.experts is None:
+            return self
+        p, count = self.experts.path, getattr(config.get_text_config(), self.experts.count)
+        groups, neurons = list(self.groups), []
+        for e in range(count):
+            gate, up, down = (f"{p}.{e}.{n}" for n in ("gate", "up", "down"))
+            groups += [InputGroup(f"expert{e}_in", (gate, up)), InputGroup(f"expert{e}_mid", (down,))]
+            neurons.append(Neurons(rows=(gate, up), cols=down))
+        return replace(self, groups=tuple(groups), expert_neurons=tuple(neurons))
+
+    def prepare(self, block: nn.Module) -> nn.Module:
+        """The block with its stacked experts module replaced by per-expert layers (meta stays meta)."""
+        if self.experts is not None:
+            from sola_stream.nn.modeling_sola import Experts as PerExpert
+
+            module = block.get_submodule(self.experts.path)
+            if not isinstance(module, PerExpert):
+                block.set_submodule(self.experts.path, PerExpert.from_stacked(module))
+        return block
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -68,7 +105,7 @@ class Family:
     def neuron_groups(self) -> tuple[Neurons, ...]:
         """Every set of FFN neurons of a block: one FFN in a dense family (experts will add one
         each, DESIGN.md). Each is split into prime and marginal neurons on its own scores."""
-        return (self.neurons,)
+        return ((self.neurons,) if self.neurons else ()) + self.expert_neurons
 
     def neuron_key(self, neurons: Neurons) -> str:
         """The input group whose input is these neurons' activations (their scores come from it)."""
@@ -125,14 +162,17 @@ class Family:
                                      f"columns: expected {neurons.chunks} x {count} rows")
 
     def neuron_count(self, block: nn.Module) -> int:
-        return block.get_submodule(self.neurons.cols).in_features
+        """FFN neurons of the block, all experts together."""
+        return sum(block.get_submodule(n.cols).in_features for n in self.neuron_groups)
+
+
+_ATTENTION = (InputGroup("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+              InputGroup("attn_out", ("self_attn.o_proj",)))
 
 
 def _gated(name: str, **kw) -> Family:
     """The LLaMA block shape: q/k/v on one input, o_proj, gate/up on one input, down_proj."""
-    return Family(name=name, groups=(
-        InputGroup("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        InputGroup("attn_out", ("self_attn.o_proj",)),
+    return Family(name=name, groups=_ATTENTION + (
         InputGroup("ffn_in", ("mlp.gate_proj", "mlp.up_proj")),
         InputGroup("ffn_mid", ("mlp.down_proj",))),
         neurons=Neurons(rows=("mlp.gate_proj", "mlp.up_proj"), cols="mlp.down_proj"), **kw)
@@ -149,6 +189,17 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     # this class applies no final logit soft-cap (its forward is the reference)
     _gated("gemma3", layers_path="model.language_model.layers", norm_path="model.language_model.norm",
            text_config="text_config"),
+    Family(name="mixtral", groups=_ATTENTION, neurons=None,
+           experts=Experts("mlp.experts", "num_local_experts", ("w1", "w3", "w2"))),
+    Family(name="qwen3_moe", groups=_ATTENTION, neurons=None,
+           experts=Experts("mlp.experts", "num_experts", ("gate_proj", "up_proj", "down_proj"))),
+    # the shared expert is a dense FFN; its sigmoid gate (mlp.shared_expert_gate) and the router stay dense
+    Family(name="qwen2_moe", groups=_ATTENTION + (
+        InputGroup("shared_in", ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")),
+        InputGroup("shared_mid", ("mlp.shared_expert.down_proj",))),
+        neurons=Neurons(rows=("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+                        cols="mlp.shared_expert.down_proj"),
+        experts=Experts("mlp.experts", "num_experts", ("gate_proj", "up_proj", "down_proj"))),
     Family(name="phi3", groups=(  # fused projections: qkv_proj, and gate_up_proj split by chunk(2)
         InputGroup("attn_in", ("self_attn.qkv_proj",)),
         InputGroup("attn_out", ("self_attn.o_proj",)),
@@ -173,11 +224,14 @@ def family_for_dict(cfg: dict, where: str = "config.json") -> Family:
 
 
 def family_for(config, where: str = "config.json") -> Family:
+    """The family of a transformers config (or anything with a model_type), bound to the config
+    when it has one (experts counted)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise InputError(f"{where}: unsupported architecture model_type={model_type!r} "
                          f"(supported: {', '.join(sorted(FAMILIES))})")
-    return FAMILIES[model_type]
+    family = FAMILIES[model_type]
+    return family.bind(config) if hasattr(config, "get_text_config") else family
 
 
 def transformers_config(cfg: dict, where: str = "config.json"):
@@ -215,12 +269,20 @@ def runtime_names(cfg: dict, names, where: str = "config.json") -> dict[str, str
     rules = get_model_conversion_mapping(model) or []
     renamings = [r for r in rules if isinstance(r, WeightRenaming)]
     converters = [r for r in rules if isinstance(r, WeightConverter)]
+    experts = None
+    if family.experts is not None:  # per-expert 2-D weights, read as nn.Experts' layers
+        x = family.experts
+        stored = "|".join(re.escape(n) for n in x.stored)
+        experts = re.compile(rf"^(.*\.{re.escape(x.path)}\.\d+\.)({stored})(\.weight)$")
+        ours = dict(zip(x.stored, ("gate", "up", "down")))
     out = {}
     for name in names:
-        new, converted = rename_source_key(name, renamings, converters, model.base_model_prefix, None)
-        if converted is not None:
-            raise InputError(f"{where}: tensor {name!r} is stored in a layout sola_stream cannot read yet "
-                             f"(transformers converts it to {new!r})")
+        new, _ = rename_source_key(name, renamings, [], model.base_model_prefix, None)
+        hit = experts.match(new) if experts else None
+        if hit:
+            new = hit.group(1) + ours[hit.group(2)] + hit.group(3)
+        elif rename_source_key(name, renamings, converters, model.base_model_prefix, None)[1] is not None:
+            raise InputError(f"{where}: tensor {name!r} is stored in a layout sola_stream cannot read yet")
         if new != name:
             out[name] = new
     return out

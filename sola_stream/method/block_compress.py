@@ -27,6 +27,7 @@ class BlockResult:
     kept_params: int
     error: dict[str, float]  # per layer: dropped fraction of its whitened output energy
     damping: dict[str, float]
+    starved: list[str]  # layers kept dense: no calibration token reached them (an unrouted expert)
 
 
 def stacked(index: torch.Tensor, count: int, chunks: int) -> torch.Tensor:
@@ -76,7 +77,11 @@ def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tenso
     # per FFN: (prime, marginal) neurons, and the rows of its rows layers that hold each
     splits: dict[str, tuple] = {}  # layer name -> (role, prime index, marginal index, chunks)
     fixed = 0  # weights the prime neurons keep dense
+    # an expert that no calibration token was routed to has no statistics: it stays dense (reported)
+    starved = [n for n in linears if method != "svd" and family.group_of(n) not in covs]
     for g in family.neuron_groups if method == "sola" and prime_ratio > 0 else ():
+        if family.neuron_key(g) not in scores:
+            continue
         prime, marginal = prime_order(scores[family.neuron_key(g)], prime_ratio)
         if len(marginal) == 0:
             continue
@@ -90,7 +95,7 @@ def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tenso
     # matrices to factor: the whole weight, or the marginal rows/columns of FFN layers
     targets: dict[str, torch.Tensor] = {}
     spectra: dict[str, Spectrum] = {}
-    for name in linears:
+    for name in (n for n in linears if n not in starved):
         w = weights[name + ".weight"]
         key = family.group_of(name)
         if name in splits and splits[name][0] == "in":
@@ -106,23 +111,22 @@ def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tenso
 
     keep = 1.0 - ratio
     if method == "sola":
-        budget = math.floor(keep * dense_params) - fixed
+        budget = math.floor(keep * dense_params) - fixed - sum(math.prod(shapes[n]) for n in starved)
         if budget <= 0:
             raise ValueError(f"ratio {ratio} leaves no room beyond the prime neurons (prime ratio {prime_ratio})")
-        cands = [Candidate(n, *targets[n].shape, spectra[n].energy) for n in linears]
-        ranks = allocate(cands, budget)
+        ranks = allocate([Candidate(n, *targets[n].shape, spectra[n].energy) for n in targets], budget)
     else:
-        ranks = {n: uniform_rank(*targets[n].shape, keep) for n in linears}
+        ranks = {n: uniform_rank(*targets[n].shape, keep) for n in targets}
     ranks = {n: (max(r, 1) if r is not None else None) for n, r in ranks.items()}
+    ranks.update({n: None for n in starved})
 
     tensors = {k: v for k, v in weights.items() if not any(k.startswith(n + ".") for n in linears)}
     specs: dict[str, dict] = {}
     error: dict[str, float] = {}
     for name in linears:
         w, bias = weights[name + ".weight"], weights.get(name + ".bias")
-        rank, sp = ranks[name], spectra.pop(name)
-        total = float(sp.energy.sum()) or 1.0
-        error[name] = 0.0 if rank is None else float(sp.energy[rank:].sum()) / total
+        rank, sp = ranks[name], spectra.pop(name, None)
+        error[name] = 0.0 if rank is None else float(sp.energy[rank:].sum()) / (float(sp.energy.sum()) or 1.0)
         spec: dict = {"rank": rank}
         own: dict[str, torch.Tensor] = {}
         if name in splits:
@@ -148,7 +152,7 @@ def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tenso
         specs[name] = spec
     kept = sum(linear_params(specs[n], *shapes[n]) for n in linears)
     return BlockResult(tensors=tensors, specs=specs, dense_params=dense_params, kept_params=kept, error=error,
-                       damping={k: d for k, (_, d) in whiteners.items() if d})
+                       damping={k: d for k, (_, d) in whiteners.items() if d}, starved=starved)
 
 
 def _factored(w: torch.Tensor, sp: Spectrum, rank: int | None, prefix: str) -> dict[str, torch.Tensor]:

@@ -153,6 +153,16 @@ class Experts(nn.ModuleList):
         return out
 
     @classmethod
+    def empty_like(cls, module: nn.Module) -> "Experts":
+        """Per-expert layers with uninitialized weights of a stacked module's shapes, dtype and
+        device (from_pretrained fills them from the shards)."""
+        gate_up, down = module.gate_up_proj, module.down_proj
+        inter, like = gate_up.shape[1] // 2, {"dtype": gate_up.dtype, "device": gate_up.device}
+        return cls(ExpertMLP(*(dense_linear(torch.empty(s, **like), None) for s in
+                               ((inter, gate_up.shape[2]), (inter, gate_up.shape[2]), tuple(down.shape[1:]))),
+                             module.act_fn) for _ in range(gate_up.shape[0]))
+
+    @classmethod
     def from_stacked(cls, module: nn.Module) -> "Experts":
         """From a stacked module (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I], `act_fn`): its
         weights split per expert (views, no copy; meta stays meta)."""
@@ -243,6 +253,8 @@ def compress_layers(model: nn.Module, sola: dict) -> None:
     """Swap the linear layers of `model`'s blocks for their compressed forms (config.json `sola`)."""
     blocks = model.get_submodule(sola["layers_path"])
     for block, entry in zip(blocks, sola["blocks"]):
+        if "experts_path" in sola:  # per-expert layers in place of the family's stacked experts
+            block.set_submodule(sola["experts_path"], Experts.empty_like(block.get_submodule(sola["experts_path"])))
         for name, spec in entry["layers"].items():
             if spec.get("rank") is not None or "prime" in spec:
                 block.set_submodule(name, empty_layer(spec, block.get_submodule(name)))

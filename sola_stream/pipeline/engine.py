@@ -270,7 +270,8 @@ def _block_entry(i: int, result: BlockResult, input_sha256: str) -> dict:
     return {"block": i, "shard": output.block_shard_name(i), "input_sha256": input_sha256,
             "dense_params": result.dense_params,
             "kept_params": result.kept_params, "layers": result.specs,
-            "whitened_error": {k: round(v, 6) for k, v in result.error.items()}, "damping": result.damping}
+            "whitened_error": {k: round(v, 6) for k, v in result.error.items()}, "damping": result.damping,
+            **({"kept_dense_no_tokens": result.starved} if result.starved else {})}
 
 
 def _sola_section(options: CompressOptions, calib_desc: str, manifest: dict, reader: CheckpointReader,
@@ -298,6 +299,7 @@ def _sola_section(options: CompressOptions, calib_desc: str, manifest: dict, rea
         "propagate": options.propagate,
         "linears": list(family.linears),
         "input_groups": family.shared_inputs,  # layers sharing one input (fused at load)
+        **({"experts_path": family.experts.path} if family.experts else {}),  # per-expert layers (nn.Experts)
         "blocks": [{"layers": b["layers"], "whitened_error": b["whitened_error"]} for b in blocks],
         "fingerprint": fp,
     }

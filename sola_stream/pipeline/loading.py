@@ -31,7 +31,7 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
                           f"run `sola-stream upgrade {reader.path}` to make it self-contained", stacklevel=2)
     for i in range(len(layers)):
         tensors = reader.tensors(family.block_prefix(i))
-        layers[i] = build_checked(lambda: build_block(layers[i], tensors, block_specs(sola, i), device, dtype),
+        layers[i] = build_checked(lambda: build_block(family.prepare(layers[i]), tensors, block_specs(sola, i), device, dtype),
                                   str(reader.path), i)
     load_outer(model, reader, family, config, dtype)
     missing = [n for n, p in model.named_parameters() if p.is_meta]

@@ -47,22 +47,24 @@ class Shapes:
     storage_bytes: int
     block_params: int  # linear weights of one block
     group_widths: tuple[int, ...]  # input width of each input group: one covariance each
-    layers: tuple[tuple[int, int, str], ...]  # (out, in, "rows" | "cols" | "") per linear layer
-    chunks: int = 1  # neuron blocks stacked in a "rows" layer
+    layers: tuple[tuple[int, int, str, int], ...]  # (out, in, "rows" | "cols" | "", FFN index) per linear layer
+    ffns: tuple[tuple[int, int], ...] = ()  # (neurons, chunks) of each FFN (each expert is one)
 
     @classmethod
     def from_config(cls, cfg: dict, where: str = "config.json") -> "Shapes":
         family = family_for_dict(cfg, where)
         one = transformers_config(family.with_blocks(cfg, 1, where), where)  # one block is enough
         model = meta_model(one, where)
+        family = family.bind(one)  # experts counted
         layers = model.get_submodule(family.layers_path)
-        block = layers[0]
+        block = family.prepare(layers[0])
         family.check(block, where)
         linears = {n: block.get_submodule(n) for n in family.linears}
         first = family.groups[0].linears
         text = one.get_text_config()  # the language model's fields (a multimodal config holds them)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        neurons = family.neurons
+        ffn_of = {n: (k, "rows") for k, g in enumerate(family.neuron_groups) for n in g.rows}
+        ffn_of.update({g.cols: (k, "cols") for k, g in enumerate(family.neuron_groups)})
         in_blocks = {id(p) for p in layers.parameters()}
         head = model.get_submodule(family.head_path).weight
         if getattr(text, "tie_word_embeddings", False) and head is not model.get_input_embeddings().weight:
@@ -74,19 +76,19 @@ class Shapes:
                    storage_bytes=_itemsize(cfg.get("torch_dtype") or cfg.get("dtype")),
                    block_params=sum(m.weight.numel() for m in linears.values()),
                    group_widths=tuple(linears[g.linears[0]].in_features for g in family.groups),
-                   layers=tuple((m.out_features, m.in_features,
-                                 "rows" if n in neurons.rows else "cols" if n == neurons.cols else "")
+                   layers=tuple((m.out_features, m.in_features, *reversed(ffn_of.get(n, (-1, ""))))
                                 for n, m in linears.items()),
-                   chunks=neurons.chunks)
+                   ffns=tuple((block.get_submodule(g.cols).in_features, g.chunks) for g in family.neuron_groups))
 
-    def factored_dims(self, marginal: int) -> list[tuple[int, int]]:
-        """Shapes of the matrices decomposed when `marginal` neurons are factored (the rest prime)."""
+    def factored_dims(self, marginal: list[int]) -> list[tuple[int, int]]:
+        """Shapes of the matrices decomposed when marginal[k] neurons of FFN k are factored (the
+        rest prime)."""
         dims = []
-        for out, inp, role in self.layers:
+        for out, inp, role, k in self.layers:
             if role == "rows":
-                out = self.chunks * marginal
+                out = self.ffns[k][1] * marginal[k]
             elif role == "cols":
-                inp = marginal
+                inp = marginal[k]
             dims.append((out, inp))
         return dims
 
@@ -158,10 +160,12 @@ def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens
     acts = 4 * tokens * max(ffn, att)
     squares = sum(w * w for w in s.group_widths)
     covs = 4 * squares
-    m = marginal_neurons(s, method, prime_ratio)
-    whiten = 0 if method == "svd" else 8 * (2 * m * m + squares - i * i)  # float64 C and L, kept L's
-    bases = 8 * sum(min(out, inp) ** 2 for out, inp in s.factored_dims(m))
-    transient = 8 * (2 * h * m + 2 * min(h, m) ** 2)  # W L, its Gram and eigh's workspace
+    ms = marginal_neurons(s, method, prime_ratio)
+    m = max(ms)
+    # float64 C and L (the FFNs' neuron covariances restricted to marginal neurons), kept L's
+    whiten = 0 if method == "svd" else 8 * (2 * sum(x * x for x in ms) + squares - sum(n * n for n, _ in s.ffns))
+    bases = 8 * sum(min(out, inp) ** 2 for out, inp in s.factored_dims(ms))
+    transient = 8 * (2 * h * m + 2 * min(h, m) ** 2)  # W L, its Gram and eigh's workspace (largest FFN)
     return {"block (float32)": block, "activations (one chunk)": acts, "covariances (float32)": covs,
             "decomposition (float64)": whiten + bases + transient,
             "peak statistics pass": block + acts + covs,
@@ -169,8 +173,9 @@ def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens
             "peak propagation": block + acts}
 
 
-def marginal_neurons(s: Shapes, method: str, prime_ratio: float) -> int:
-    return s.neurons - int(round(prime_ratio * s.neurons)) if method == "sola" else s.neurons
+def marginal_neurons(s: Shapes, method: str, prime_ratio: float) -> list[int]:
+    """Neurons left to factor in each FFN."""
+    return [n - int(round(prime_ratio * n)) if method == "sola" else n for n, _ in s.ffns]
 
 
 def make_plan(cfg: dict, options, device: torch.device, budget_device: int | None = None,
@@ -228,10 +233,10 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     # attention scores, and the decompositions (Cholesky + Gram + eigh, ~ n^3 terms)
     n_tok = options.nsamples * options.seqlen
     h = s.hidden
-    m = marginal_neurons(s, options.method, options.prime_ratio)
+    ms = marginal_neurons(s, options.method, options.prime_ratio)
     flops = (2 * 2 * s.block_params * n_tok + 2 * n_tok * sum(w * w for w in s.group_widths)
              + 2 * 2 * 2 * n_tok * options.seqlen * s.attn
-             + (m ** 3 / 3 + 2 * h ** 3 + 2 * h * m * m + 10 * 4 * h ** 3 + 2 * h * m * h * 3))
+             + sum(m ** 3 / 3 + 2 * h * m * m + 2 * h * m * h * 3 for m in ms) + 2 * h ** 3 + 10 * 4 * h ** 3)
     plan = Plan(device=device.type, batch_tokens=tokens, spill=spill, states_bytes=states, device_parts=dev,
                 host_parts=host, disk_parts=disk, budget_device=budget_device, budget_host=budget_host,
                 flops_per_block=float(flops), problems=problems)

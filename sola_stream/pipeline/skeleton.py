@@ -83,7 +83,7 @@ class Skeleton:
         model = meta_model(self.config, str(reader.path / "config.json"), dtype)
         layers = model.get_submodule(self.family.layers_path)
         self.num_blocks = len(layers)
-        self._meta_blocks = list(layers)
+        self._meta_blocks = [self.family.prepare(b) for b in layers]
         for block in self._meta_blocks:  # the family's description fits the blocks transformers builds
             self.family.check(block, str(reader.path / "config.json"))
         if "sola" not in reader.config_dict:  # dense blocks: names and shapes known before any work

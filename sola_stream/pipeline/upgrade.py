@@ -31,8 +31,9 @@ def upgrade(path: str) -> str:
         return f"{path}: already self-contained (model_type {config['model_type']}); nothing to do"
     if (reader.path / MARKER).exists():
         read_marker(reader.path)  # a damaged marker is refused before anything changes
-    family = family_for_dict(config, where)
+    family_for_dict(config, where)  # an unknown family is refused before anything is read
     skeleton = Skeleton(reader)  # config, shapes and outer tensors checked
+    family = skeleton.family
     sola = dict(check_sola_section(config["sola"], skeleton.num_blocks, family.linears, where))
     sola.update(base_model_type=family.name, layers_path=family.layers_path,
                 input_groups=family.shared_inputs)

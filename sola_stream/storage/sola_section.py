@@ -28,7 +28,7 @@ def check_sola_section(sola, num_blocks: int, linears: tuple[str, ...], where: s
         value = sola.get(key)
         if not isinstance(value, Real) or isinstance(value, bool) or not -1.0 <= value <= 1.0:
             bad(key, f"is {value!r}, not a number in [-1, 1]")
-    for key in ("base_model_type", "layers_path"):  # absent in 0.1 outputs, which only sola_stream.load reads
+    for key in ("base_model_type", "layers_path", "experts_path"):  # absent in 0.1 outputs / dense families
         if key in sola and not isinstance(sola[key], str):
             bad(key, f"is {sola[key]!r}, not a string")
     groups = sola.get("input_groups", [])
