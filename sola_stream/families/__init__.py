@@ -2,7 +2,8 @@
 
 A family is described, not coded: which linear layers read one input (one covariance serves
 them), which rows and columns are the FFN neurons (a fused gate_up layer stacks two neuron blocks
-on dim 0), where the blocks, final norm and head live, and how the head post-processes logits.
+on dim 0), its experts if any, where the blocks, final norm and head live, how the head
+post-processes logits, and how checkpoint tensor names map to module names.
 The statistics hooks, the block compression, the planner and the tools iterate over the
 description; the description is checked against the family's own block (built on the meta device
 by transformers) when a model is opened. Attention, rotary embeddings, norms and masks are run by
@@ -103,8 +104,8 @@ class Family:
 
     @property
     def neuron_groups(self) -> tuple[Neurons, ...]:
-        """Every set of FFN neurons of a block: one FFN in a dense family (experts will add one
-        each, DESIGN.md). Each is split into prime and marginal neurons on its own scores."""
+        """Every set of FFN neurons of a block: the dense FFN (or shared expert), then one per
+        expert. Each is split into prime and marginal neurons on its own scores."""
         return ((self.neurons,) if self.neurons else ()) + self.expert_neurons
 
     def neuron_key(self, neurons: Neurons) -> str:
