@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from sola_stream import __version__, faults
-
 from sola_stream.storage import output
 from sola_stream.storage.calibration import TOKENIZE_PIECE_CHARS, calibration_windows, read_calibration_text, text_hash, tokenize
 from sola_stream.storage.checkpoint import CheckpointReader
@@ -36,6 +35,7 @@ from sola_stream.pipeline.stop import GracefulStop, Interrupted
 from sola_stream.pipeline.skeleton import Skeleton
 from sola_stream.pipeline.state_cache import StateCache
 from sola_stream.pipeline.block_forward import BlockStats, run_block
+
 
 @dataclass
 class Summary:
