@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sola_stream import __version__
 from sola_stream.storage.calibration import DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN
-from sola_stream.errors import SolaError
+from sola_stream.errors import InputError, SolaError
 from sola_stream.pipeline.stop import Interrupted
 
 EPILOG = """exit codes: 0 done; 1 unexpected error (bug: please report with the traceback);
@@ -118,16 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_options(c: argparse.ArgumentParser) -> None:
-    c.add_argument("--ratio", type=float, default=0.2,
+    c.add_argument("--ratio", type=_ratios, default=[0.2], metavar="R[,R...]",
                    help="fraction of parameters to remove (of the block linear weights, or of the whole "
-                        "model with --ratio-of model)")
+                        "model with --ratio-of model); several, comma-separated, write one output per ratio "
+                        "into OUTPUT/ratio-R, sharing the survey of --allocation global (default: 0.2)")
     c.add_argument("--ratio-of", default="blocks", choices=["blocks", "model"],
                    help="what --ratio counts: the decoder blocks' linear weights (the papers' definition) or "
                         "all parameters of the model (embeddings and head are kept, so the blocks lose more)")
     c.add_argument("--method", default="sola", choices=["sola", "svd-llm", "svd"],
                    help="sola: prime neurons + whitened SVD + adaptive ranks; svd-llm: whitened SVD, "
                         "uniform ranks; svd: plain truncated SVD, uniform ranks")
-    c.add_argument("--prime-ratio", type=float, default=0.15,
+    c.add_argument("--prime-ratio", type=float, default=0.25,
                    help="fraction of FFN neurons kept dense (sola only)")
     c.add_argument("--calib", default=None, help="calibration text: file, folder of text files, "
                    "saved datasets folder, or hf:NAME[:CONFIG[:SPLIT]] (default: shipped WikiText-2 valid)")
@@ -137,6 +138,15 @@ def _run_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (auto: cuda when available)")
     c.add_argument("--propagate", default="compressed", choices=["compressed", "original"],
                    help="feed the next block the outputs of the compressed block or of the original one")
+    c.add_argument("--allocation", default="block", choices=["block", "global"],
+                   help="block: every block keeps the same fraction, one pass; global: a survey pass over "
+                        "all blocks first, so blocks trade parameters: better perplexity, about twice the "
+                        "time (sola only; the baselines use uniform ranks; docs/METHOD.md)")
+    c.add_argument("--fit", default=None, choices=["plain", "compensate"],
+                   help="plain: fit each layer to its own inputs (the published methods); compensate: fit "
+                        "each layer so that, fed the inputs the compressed model produces, it reproduces "
+                        "the original model's outputs (docs/METHOD.md; keeps a second calibration cache). "
+                        "Default: plain")
     c.add_argument("--max-gpu-memory", type=float, default=None, metavar="GIB",
                    help="GPU memory budget in GiB (default: the device's total memory)")
     c.add_argument("--max-host-memory", type=float, default=None, metavar="GIB",
@@ -148,13 +158,24 @@ def _run_options(c: argparse.ArgumentParser) -> None:
                    help="CPU threads (default: what CPU affinity, cgroup quota and SLURM_CPUS_PER_TASK allow)")
 
 
-def _options(args):
+def _ratios(text: str) -> list[float]:
+    try:
+        ratios = [float(r) for r in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a comma-separated list of numbers") from None
+    if len(set(ratios)) != len(ratios):
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a ratio")
+    return ratios
+
+
+def _options(args, ratio: float | None = None):
     from sola_stream.pipeline.engine import CompressOptions
 
-    return CompressOptions(method=args.method, ratio=args.ratio, ratio_of=args.ratio_of,
+    return CompressOptions(method=args.method, ratio=args.ratio[0] if ratio is None else ratio, ratio_of=args.ratio_of,
                            prime_ratio=args.prime_ratio, calib=args.calib,
                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
-                           propagate=args.propagate, batch_tokens=args.batch_tokens,
+                           propagate=args.propagate, fit=args.fit,
+                           allocation=args.allocation, batch_tokens=args.batch_tokens,
                            max_gpu_memory=args.max_gpu_memory, max_host_memory=args.max_host_memory,
                            threads=args.threads)
 
@@ -203,11 +224,22 @@ def _main(argv: list[str] | None) -> int:
 
 def _compress(args) -> int:
     from sola_stream.pipeline.engine import compress
-    from sola_stream.pipeline.memory import PeakMemory, gib
+    from sola_stream.pipeline.memory import PeakMemory
 
-    opts = _options(args)
-    with PeakMemory() as mem:  # the whole call (tokenization included); GPU peaks come from the engine
-        s = compress(args.model, args.output, opts, progress=not args.no_progress, overwrite=args.overwrite)
+    shared: dict = {}
+    for ratio in args.ratio:
+        out = args.output if len(args.ratio) == 1 else str(Path(args.output) / f"ratio-{ratio:g}")
+        opts = _options(args, ratio)
+        with PeakMemory() as mem:  # the whole call (tokenization included); GPU peaks come from the engine
+            s = compress(args.model, out, opts, progress=not args.no_progress, overwrite=args.overwrite,
+                         shared=shared)
+        _report(s, opts, mem)
+    return 0
+
+
+def _report(s, opts, mem) -> None:
+    from sola_stream.pipeline.memory import gib
+
     resumed = f" (resumed at block {s.resumed_at})" if s.resumed_at else ""
     print(f"\nsola-stream compress: done in {s.seconds:.1f} s on {s.device}{resumed}")
     print(f"  method          {s.method} (prime ratio {opts.prime_ratio if s.method == 'sola' else 0})")
@@ -227,7 +259,6 @@ def _compress(args) -> int:
     print(f"  peak memory     host RSS {gib(max(mem.peak_rss, s.peak_rss))}" +
           (f", GPU allocated {gib(s.peak_gpu)}" if s.peak_gpu else ""))
     print(f"  output          {s.output}")
-    return 0
 
 
 def _plan(args) -> int:
@@ -236,6 +267,8 @@ def _plan(args) -> int:
     from sola_stream.families import family_for_dict
     from sola_stream.storage.input_checks import check_config
 
+    if len(args.ratio) > 1:
+        raise InputError("plan: give one --ratio (each ratio of a multi-ratio run is planned alike)")
     opts = _options(args)
     opts.validate(need_device=False)
     cfg, where = read_config(args.model)

@@ -97,8 +97,8 @@ def test_model_card_records_and_plot(tiny, tmp_path, capsys):
 
     assert main(["inspect", str(out), "--json", "--plot", str(tmp_path / "ranks.png")]) == 0
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    gate = info["blocks"][0]["mlp.gate_proj"]
-    assert 0 < gate["kept"] < 1 and 0 <= gate["whitened_error"] < 1
+    gates = [b["mlp.gate_proj"] for b in info["blocks"]]  # a model-wide allocation may keep a block dense
+    assert any(0 < g["kept"] < 1 for g in gates) and all(0 <= g["whitened_error"] < 1 for g in gates)
     assert (tmp_path / "ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert main(["eval", str(tiny), "--text", str(CALIB_TEXT), "--seqlen", "64", "--max-windows", "1", "--record",

@@ -153,3 +153,13 @@ def test_block_digest_from_file_bytes_equals_digest_of_loaded_tensors(tmp_path, 
     outer = [n for n in reader.names() if not n.startswith("model.layers.")]
     assert reader.digest("", outer) == tensors_digest({n: reader.get(n) for n in outer})
     assert reader.digest("model.layers.0.") != reader.digest("model.layers.1.")
+
+
+def test_values_only_spectrum_has_the_same_energies():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 24, generator=g, dtype=torch.float64)
+    x = torch.randn(200, 24, generator=g, dtype=torch.float64)
+    L, _ = cholesky_whitener(x.T @ x)
+    full, values = spectrum(w, L), spectrum(w, L, values_only=True)
+    assert values.basis is None
+    torch.testing.assert_close(values.energy, full.energy, rtol=1e-10, atol=1e-8 * float(full.energy[0]))

@@ -292,3 +292,99 @@ def test_finished_output_missing_or_damaged_shard_is_not_complete(model4, refere
     r = cli(model4, out)
     assert r.returncode == 0 and "already complete" in r.stdout
     assert hashes(out) == reference
+
+
+# --fit compensate carries a second stream (original-N beside states-N): a fresh run writes
+# states-0, original-0, then per block the shard, states-(i+1), original-(i+1), the manifest.
+COMPENSATE = ["--fit", "compensate"]
+CRASHES_COMPENSATE = [
+    "tensors_written:2",  # fresh: states-0 renamed, original-0 written, not renamed
+    "tensors_written:5",  # shard 0, states-1 renamed; original-1 written, not renamed
+    "block_committed:2",  # resumed at 0: blocks 0 and 1 committed
+    "tensors_written:3",  # resumed at 2: shard 2, states-3 renamed, original-3 not renamed
+]
+
+
+def test_compensating_fit_killed_at_named_points_resumes_identically(model4, tmp_path):
+    ref = tmp_path / "ref"
+    assert cli(model4, ref, *COMPENSATE).returncode == 0
+    assert hashes(ref) != hashes_of_plain(model4, tmp_path / "plain")  # the fit changed the output
+    out = tmp_path / "out"
+    for point in CRASHES_COMPENSATE:
+        r = cli(model4, out, *COMPENSATE, crash=point)
+        assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stderr)
+        assert not (out / "config.json").exists(), point
+    manifest = json.loads((out / RUN_DIR / "manifest.json").read_text())
+    assert set(manifest["states"]) == {"block", "sha256", "original_sha256"}
+    r = cli(model4, out, *COMPENSATE)
+    assert r.returncode == 0, r.stderr
+    assert hashes(out) == hashes(ref)
+    assert not (out / RUN_DIR).exists()
+
+
+def hashes_of_plain(model, out):
+    assert cli(model, out).returncode == 0
+    return hashes(out)
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete", "unrecorded"])
+def test_damaged_original_states_are_refused_on_resume(model4, tmp_path, damage):
+    out = tmp_path / "out"
+    r = cli(model4, out, *COMPENSATE, crash="block_committed:2")
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    states = out / RUN_DIR / "original-00002.safetensors"
+    if damage == "flip":
+        flip_byte(states, states.stat().st_size // 2)
+        one_error_line(cli(model4, out, *COMPENSATE), states.name, "damaged")
+    elif damage == "delete":
+        states.unlink()
+        one_error_line(cli(model4, out, *COMPENSATE), states.name, "missing")
+    else:
+        path = out / RUN_DIR / "manifest.json"
+        manifest = json.loads(path.read_text())
+        del manifest["states"]["original_sha256"]
+        path.write_text(json.dumps(manifest))
+        one_error_line(cli(model4, out, *COMPENSATE), "manifest.json", "original-model states")
+
+
+def test_model_wide_allocation_resumes_with_the_recorded_budgets(model4, tmp_path):
+    ref = tmp_path / "ref"
+    assert cli(model4, ref, "--allocation", "global").returncode == 0
+    sola = json.loads((ref / "config.json").read_text())["sola"]
+    assert abs(sola["achieved_ratio_blocks"] - 0.3) < 0.005
+    survey = [r for r in read_log(ref) if r["event"] == "survey"]
+    assert len(survey) == 1 and len(survey[0]["budgets"]) == 4
+    kept = [r["kept_fraction"] for r in read_log(ref) if r["event"] == "block"]
+    assert max(kept) - min(kept) > 0.01  # blocks traded parameters
+    out = tmp_path / "out"
+    r = cli(model4, out, "--allocation", "global", crash="block_committed:2")
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    manifest = json.loads((out / RUN_DIR / "manifest.json").read_text())
+    assert manifest["budgets"] == survey[0]["budgets"]
+    r = cli(model4, out, "--allocation", "global")
+    assert r.returncode == 0, r.stderr
+    assert sum(e["event"] == "survey" for e in read_log(out)) == 1  # the resumed run did not survey again
+    assert hashes(out) == hashes(ref)
+    # a resume with the budgets gone is refused, not silently re-allocated
+    out2 = tmp_path / "out2"
+    cli(model4, out2, "--allocation", "global", crash="block_committed:2")
+    path = out2 / RUN_DIR / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["budgets"]
+    path.write_text(json.dumps(manifest))
+    one_error_line(cli(model4, out2, "--allocation", "global"), "manifest.json", "budgets")
+
+
+def test_several_ratios_in_one_run_share_the_survey(model4, tmp_path):
+    out = tmp_path / "multi"
+    r = cli(model4, out, "--allocation", "global", "--ratio", "0.2,0.4")
+    assert r.returncode == 0, r.stderr
+    for ratio, shared in (("0.2", False), ("0.4", True)):
+        sola = json.loads((out / f"ratio-{ratio}" / "config.json").read_text())["sola"]
+        assert abs(sola["achieved_ratio_blocks"] - float(ratio)) < 0.005
+        survey = [e for e in read_log(out / f"ratio-{ratio}") if e["event"] == "survey"]
+        assert len(survey) == 1 and survey[0]["shared"] is shared
+    # a ratio of a multi-ratio run is the same output as that ratio alone
+    single = tmp_path / "single"
+    assert cli(model4, single, "--allocation", "global", "--ratio", "0.4").returncode == 0
+    assert hashes(single) == hashes(out / "ratio-0.4")

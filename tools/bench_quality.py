@@ -45,6 +45,10 @@ def main() -> None:
     p.add_argument("--eval-seqlen", type=int, default=1024)
     p.add_argument("--max-windows", type=int, default=64)
     p.add_argument("--propagate", default="compressed")
+    p.add_argument("--prime-ratio", default=None, help="sola's prime ratio (default: the package's)")
+    p.add_argument("--allocation", default=None, help="block or global (default: the package's)")
+    p.add_argument("--fit", default=None, help="plain or compensate (default: the method's)")
+    p.add_argument("--tag", default="", help="suffix of the output directories (ablation runs)")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--results", default="runs/bench/results.jsonl")
     p.add_argument("--skip-dense", action="store_true")
@@ -61,12 +65,16 @@ def main() -> None:
                "propagate": args.propagate}
         target = args.model
         if method != "dense":
-            target = str(out / f"{method}-{ratio}-{args.nsamples}x{args.seqlen}-{args.propagate}")
+            target = str(out / f"{method}-{ratio}-{args.nsamples}x{args.seqlen}-{args.propagate}{args.tag}")
             subprocess.run(["rm", "-rf", target], check=True)
+            extra = [f"--{k.replace('_', '-')}={v}" for k in ("prime_ratio", "allocation", "fit")
+                     if (v := getattr(args, k)) is not None and (method == "sola" or k != "prime_ratio")
+                     and not (k == "allocation" and method != "sola")]
             _, secs, rss = run([*cli, "compress", args.model, target, "--method", method, "--ratio", str(ratio),
                                 "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                                "--propagate", args.propagate, "--no-progress"])
+                                "--propagate", args.propagate, "--no-progress", *extra])
             sola = json.loads((Path(target) / "config.json").read_text())["sola"]
+            row.update(prime_ratio=sola["prime_ratio"], allocation=sola.get("allocation"), fit=sola.get("fit"))
             row.update(compress_seconds=round(secs, 1), compress_peak_rss_gib=round(rss / 2**30, 3),
                        achieved_ratio_blocks=round(sola["achieved_ratio_blocks"], 4),
                        achieved_ratio_model=round(sola["achieved_ratio_model"], 4))

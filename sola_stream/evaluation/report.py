@@ -50,6 +50,8 @@ def summary_dict(path: str) -> dict:
         "achieved_ratio_blocks": sola["achieved_ratio_blocks"],
         "achieved_ratio_model": sola["achieved_ratio_model"],
         "propagate": sola.get("propagate"),
+        "fit": sola.get("fit", "plain"),
+        "allocation": sola.get("allocation", "block"),
         "calibration": sola.get("calibration"),
         "blocks": rows,
     }

@@ -13,6 +13,7 @@ import torch
 
 from sola_stream.method.allocate import Candidate, allocate, uniform_rank
 from sola_stream.families import Family
+from sola_stream.method.compensate import least_squares_weight, local_and_cumulative, prime_columns, prime_columns_fit
 from sola_stream.method.decompose import Spectrum, cholesky_whitener, spectrum
 from sola_stream.nn.build import linear_params
 
@@ -43,120 +44,176 @@ def prime_order(scores: torch.Tensor, prime_ratio: float) -> tuple[torch.Tensor,
     return order[:n_prime].sort().values, order[n_prime:].sort().values
 
 
-@torch.no_grad()
-def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
-                   family: Family, method: str, ratio: float, prime_ratio: float,
-                   storage_dtype: torch.dtype) -> BlockResult:
-    """`weights`: block tensors by name relative to the block (linears' `.weight`, biases, norms).
+class Layout:
+    """What a block's compression decides before any factor is made, from its statistics: the
+    prime/marginal split of each FFN, each layer's rank (None: dense), the layers kept dense for
+    want of tokens, and the spectra the ranks were chosen on (reused by a plain fit).
+
     `covs`: input covariances by group key (see pipeline/block_forward.py); the FFN-neuron ones are
     consumed (removed from the dict once whitened, so a 70B block's 3 GiB matrix does not outlive
     its use). `scores`: neuron scores by the key of each neuron group's activations (SoLA only).
-    Returns the compressed tensors."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}")
-    linears = family.linears
-    shapes = {n: tuple(weights[n + ".weight"].shape) for n in linears}
-    dense_params = sum(m * n for m, n in shapes.values())
-    whiteners: dict[str, tuple[torch.Tensor, float]] = {}
-    dev = next(iter(covs.values())).device  # decompositions run where the statistics are
+    `values_only`: spectra without bases, for a survey (no layer can be fitted from it)."""
 
-    neuron_keys = {family.neuron_key(g) for g in family.neuron_groups}
+    def __init__(self, weights: dict[str, torch.Tensor], covs: dict[str, torch.Tensor],
+                 scores: dict[str, torch.Tensor], family: Family, method: str, ratio: float, prime_ratio: float,
+                 budget: int | None = None, values_only: bool = False):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}")
+        self.family, self.method = family, method
+        linears = family.linears
+        self.shapes = shapes = {n: tuple(weights[n + ".weight"].shape) for n in linears}
+        self.dense_params = sum(m * n for m, n in shapes.values())
+        self.whiteners: dict[str, tuple[torch.Tensor, float]] = {}
+        self.damping: dict[str, float] = {}
+        dev = next(iter(covs.values())).device  # decompositions run where the statistics are
+        neuron_keys = {family.neuron_key(g) for g in family.neuron_groups}
 
-    def whitener(key: str, index: torch.Tensor | None = None):
-        wkey = key if index is None else key + ":marginal"
-        if method == "svd":
-            return None
-        if wkey not in whiteners:
-            c = covs[key] if index is None else covs[key][index][:, index]
-            if key in neuron_keys:  # the largest statistics, each used once: freed early (see pipeline/plan.py)
-                covs.pop(key)
-            whiteners[wkey] = cholesky_whitener(c, what=f"{key} covariance")
-            del c
-        return whiteners[wkey][0]
+        def whitener(key: str, index: torch.Tensor | None = None):
+            wkey = key if index is None else key + ":marginal"
+            if method == "svd":
+                return None
+            if wkey not in self.whiteners:
+                c = covs[key] if index is None else covs[key][index][:, index]
+                if key in neuron_keys:  # the largest statistics, each used once: freed early (see pipeline/plan.py)
+                    covs.pop(key)
+                self.whiteners[wkey] = cholesky_whitener(c, what=f"{key} covariance")
+                del c
+            return self.whiteners[wkey][0]
 
-    # per FFN: (prime, marginal) neurons, and the rows of its rows layers that hold each
-    splits: dict[str, tuple] = {}  # layer name -> (role, prime index, marginal index, chunks)
-    fixed = 0  # weights the prime neurons keep dense
-    # an expert that no calibration token was routed to has no statistics: it stays dense (reported)
-    starved = [n for n in linears if method != "svd" and family.group_of(n) not in covs]
-    for g in family.neuron_groups if method == "sola" and prime_ratio > 0 else ():
-        if family.neuron_key(g) not in scores:
-            continue
-        prime, marginal = prime_order(scores[family.neuron_key(g)], prime_ratio)
-        if len(marginal) == 0:
-            continue
-        count = len(prime) + len(marginal)
-        for name in g.rows:
-            splits[name] = ("out", stacked(prime, count, g.chunks), stacked(marginal, count, g.chunks), g.chunks)
-            fixed += len(splits[name][1]) * shapes[name][1]
-        splits[g.cols] = ("in", prime, marginal, 1)
-        fixed += len(prime) * shapes[g.cols][0]
+        # per FFN: (prime, marginal) neurons, and the rows of its rows layers that hold each
+        self.splits: dict[str, tuple] = {}  # layer name -> (role, prime index, marginal index, chunks)
+        fixed = 0  # weights the prime neurons keep dense
+        # an expert that no calibration token was routed to has no statistics: it stays dense (reported)
+        self.starved = [n for n in linears if method != "svd" and family.group_of(n) not in covs]
+        for g in family.neuron_groups if method == "sola" and prime_ratio > 0 else ():
+            if family.neuron_key(g) not in scores:
+                continue
+            prime, marginal = prime_order(scores[family.neuron_key(g)], prime_ratio)
+            if len(marginal) == 0:
+                continue
+            count = len(prime) + len(marginal)
+            for name in g.rows:
+                self.splits[name] = ("out", stacked(prime, count, g.chunks), stacked(marginal, count, g.chunks),
+                                     g.chunks)
+                fixed += len(self.splits[name][1]) * shapes[name][1]
+            self.splits[g.cols] = ("in", prime, marginal, 1)
+            fixed += len(prime) * shapes[g.cols][0]
 
-    # matrices to factor: the whole weight, or the marginal rows/columns of FFN layers
-    targets: dict[str, torch.Tensor] = {}
-    spectra: dict[str, Spectrum] = {}
-    for name in (n for n in linears if n not in starved):
-        w = weights[name + ".weight"]
-        key = family.group_of(name)
-        if name in splits and splits[name][0] == "in":
-            marginal = splits[name][2]
-            targets[name] = w[:, marginal]
-            spectra[name] = spectrum(targets[name], whitener(key, marginal.to(dev)), dev)
-        elif name in splits:
-            targets[name] = w[splits[name][2]]
-            spectra[name] = spectrum(targets[name], whitener(key), dev)
+        # matrices to factor: the whole weight, or the marginal rows/columns of FFN layers
+        targets: dict[str, tuple[int, int]] = {}
+        self.spectra: dict[str, Spectrum] = {}
+        for name in (n for n in linears if n not in self.starved):
+            w = weights[name + ".weight"]
+            key = family.group_of(name)
+            split = self.splits.get(name)
+            if split and split[0] == "in":
+                w, L = w[:, split[2]], whitener(key, split[2].to(dev))
+            else:
+                w, L = (w[split[2]] if split else w), whitener(key)
+            targets[name] = tuple(w.shape)
+            self.spectra[name] = spectrum(w, L, dev, values_only)
+
+        keep = 1.0 - ratio
+        # parameters spent whatever the ranks: prime rows/columns and layers kept dense for want of tokens
+        self.fixed = fixed + sum(math.prod(shapes[n]) for n in self.starved)
+        self.candidates = [Candidate(n, *targets[n], self.spectra[n].energy) for n in targets]
+        if method == "sola":
+            # the block's share of the parameters: its own (1 - ratio), or what a model-wide allocation gave it
+            budget = (math.floor(keep * self.dense_params) if budget is None else budget) - self.fixed
+            if budget <= 0:
+                raise ValueError(f"ratio {ratio} leaves no room beyond the prime neurons (prime ratio {prime_ratio})")
+            ranks = allocate(self.candidates, budget)
         else:
-            targets[name] = w
-            spectra[name] = spectrum(w, whitener(key), dev)
+            ranks = {n: uniform_rank(*targets[n], keep) for n in targets}
+        self.ranks = {n: (max(r, 1) if r is not None else None) for n, r in ranks.items()}
+        self.ranks.update({n: None for n in self.starved})
+        self.damping = {k: d for k, (_, d) in self.whiteners.items() if d}
 
-    keep = 1.0 - ratio
-    if method == "sola":
-        budget = math.floor(keep * dense_params) - fixed - sum(math.prod(shapes[n]) for n in starved)
-        if budget <= 0:
-            raise ValueError(f"ratio {ratio} leaves no room beyond the prime neurons (prime ratio {prime_ratio})")
-        ranks = allocate([Candidate(n, *targets[n].shape, spectra[n].energy) for n in targets], budget)
-    else:
-        ranks = {n: uniform_rank(*targets[n].shape, keep) for n in targets}
-    ranks = {n: (max(r, 1) if r is not None else None) for n, r in ranks.items()}
-    ranks.update({n: None for n in starved})
-
-    tensors = {k: v for k, v in weights.items() if not any(k.startswith(n + ".") for n in linears)}
-    specs: dict[str, dict] = {}
-    error: dict[str, float] = {}
-    for name in linears:
+    def fit(self, name: str, weights: dict[str, torch.Tensor], storage_dtype: torch.dtype,
+            cov: torch.Tensor | None = None, cross: torch.Tensor | None = None) -> tuple[dict, dict, float]:
+        """Layer `name`'s tensors (relative to the block, in `storage_dtype`), spec and dropped
+        fraction of its whitened output energy. Without `cov`: the plain fit, on the spectra the
+        ranks were chosen on. With `cov` (C of the inputs the compressed model produces) and
+        `cross` (M, against the original model's inputs): the error-compensating fit
+        (method/compensate.py) at the same rank and split."""
         w, bias = weights[name + ".weight"], weights.get(name + ".bias")
-        rank, sp = ranks[name], spectra.pop(name, None)
-        error[name] = 0.0 if rank is None else float(sp.energy[rank:].sum()) / (float(sp.energy.sum()) or 1.0)
+        rank, split = self.ranks[name], self.splits.get(name)
+        prime_cols = None
+        if cov is None or name in self.starved or self.method == "svd":
+            sp = self.spectra.pop(name, None)
+        else:
+            self.spectra.pop(name, None)
+            key = self.family.group_of(name)
+            cross = local_and_cumulative(cov, cross)
+            L, damping = cholesky_whitener(cov, what=f"{key} covariance (compensated)")
+            if damping:
+                self.damping[key + ":compensated"] = damping
+            w = least_squares_weight(w, cross, L)
+            if split and split[0] == "in":
+                del L
+                sp, t, damping = prime_columns_fit(w, cov, split[1], split[2], what=f"{key} covariance (compensated)")
+                if damping:
+                    self.damping[key + ":marginal:compensated"] = damping
+                prime_cols = t
+            else:
+                sp = spectrum(w[split[2].to(w.device)] if split else w, L, L.device)
+        error = 0.0 if rank is None else float(sp.energy[rank:].sum()) / (float(sp.energy.sum()) or 1.0)
         spec: dict = {"rank": rank}
         own: dict[str, torch.Tensor] = {}
-        if name in splits:
-            role, prime, marginal, chunks = splits[name]
+        if split:
+            role, prime, marginal, chunks = split
             spec.update(prime=len(prime) // chunks, split=role)
             if role == "in":
-                own["prime.weight"] = w[:, prime]
+                own.update(_factored(sp.weight, sp, rank, "marginal."))
+                if prime_cols is None or rank is None:  # a dense marginal part leaves nothing to absorb
+                    own["prime.weight"] = w[:, prime.to(w.device)]
+                else:
+                    a, b = own["marginal.lowrank.a"], own["marginal.lowrank.b"]
+                    own["prime.weight"] = prime_columns(w, prime_cols, prime, marginal, a, b)
                 if bias is not None:
                     own["prime.bias"] = bias
             else:
                 if chunks > 1:
                     spec["chunks"] = chunks
-                own["prime.weight"] = w[prime]
+                own["prime.weight"] = w[prime.to(w.device)]
+                own.update(_factored(sp.weight, sp, rank, "marginal."))
                 if bias is not None:
                     own["prime.bias"], own["marginal.bias"] = bias[prime], bias[marginal]
-            own.update(_factored(targets[name], sp, rank, "marginal."))
         else:
             own.update(_factored(w, sp, rank, ""))
             if bias is not None:
                 own["bias"] = bias
-        tensors.update({f"{name}.{k}": v.to("cpu", storage_dtype).contiguous() for k, v in own.items()})
-        del sp  # frees this layer's basis before the next layer's factors
-        specs[name] = spec
-    kept = sum(linear_params(specs[n], *shapes[n]) for n in linears)
-    return BlockResult(tensors=tensors, specs=specs, dense_params=dense_params, kept_params=kept, error=error,
-                       damping={k: d for k, (_, d) in whiteners.items() if d}, starved=starved)
+        return ({f"{name}.{k}": v.to("cpu", storage_dtype).contiguous() for k, v in own.items()}, spec, error)
+
+    def result(self, weights: dict[str, torch.Tensor], fitted: dict[str, tuple[dict, dict, float]]) -> BlockResult:
+        """The compressed block from every layer's fit (and the block's other tensors as they are)."""
+        linears = self.family.linears
+        tensors = {k: v for k, v in weights.items() if not any(k.startswith(n + ".") for n in linears)}
+        for own, _, _ in fitted.values():
+            tensors.update(own)
+        specs = {n: fitted[n][1] for n in linears}
+        kept = sum(linear_params(specs[n], *self.shapes[n]) for n in linears)
+        return BlockResult(tensors=tensors, specs=specs, dense_params=self.dense_params, kept_params=kept,
+                           error={n: fitted[n][2] for n in linears}, damping=dict(self.damping),
+                           starved=self.starved)
 
 
-def _factored(w: torch.Tensor, sp: Spectrum, rank: int | None, prefix: str) -> dict[str, torch.Tensor]:
+@torch.no_grad()
+def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
+                   family: Family, method: str, ratio: float, prime_ratio: float,
+                   storage_dtype: torch.dtype, budget: int | None = None) -> BlockResult:
+    """The plain fit of a whole block: `weights` are the block tensors by name relative to the
+    block (linears' `.weight`, biases, norms); see Layout for `covs`, `scores` and `budget`."""
+    layout = Layout(weights, covs, scores, family, method, ratio, prime_ratio, budget)
+    fitted = {}
+    for name in family.linears:
+        fitted[name] = layout.fit(name, weights, storage_dtype)  # frees this layer's basis before the next
+    return layout.result(weights, fitted)
+
+
+def _factored(w: torch.Tensor, sp: Spectrum | None, rank: int | None, prefix: str) -> dict[str, torch.Tensor]:
     if rank is None:
         return {prefix + "weight": w}
     a, b = sp.factors(rank)
     return {prefix + "lowrank.a": a, prefix + "lowrank.b": b}
+

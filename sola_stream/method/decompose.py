@@ -87,11 +87,13 @@ class Spectrum:
         return a.contiguous(), b.contiguous()
 
 
-def spectrum(weight: torch.Tensor, whitener: torch.Tensor | None, device: torch.device | None = None) -> Spectrum:
+def spectrum(weight: torch.Tensor, whitener: torch.Tensor | None, device: torch.device | None = None,
+             values_only: bool = False) -> Spectrum:
     """Eigendecomposition of the smaller Gram matrix of W L (equivalent to its SVD).
 
     The Gram route is several times faster than a full SVD for the tall matrices of an FFN,
     and float64 keeps the squared condition number harmless for truncation purposes.
+    `values_only`: energies without a basis (no factors can be made; a survey needs no more).
     """
     device = device or (whitener.device if whitener is not None else weight.device)
     m = weight.to(device, torch.float64)
@@ -100,10 +102,13 @@ def spectrum(weight: torch.Tensor, whitener: torch.Tensor | None, device: torch.
     right = m.shape[1] <= m.shape[0]
     gram = m.T @ m if right else m @ m.T
     del m
-    evals, evecs = torch.linalg.eigh(gram)
+    if values_only:
+        evals, basis = torch.linalg.eigvalsh(gram), None
+    else:
+        evals, evecs = torch.linalg.eigh(gram)
+        basis = evecs.flip(1)
     del gram
     energy = evals.flip(0).clamp_min(0.0)
-    basis = evecs.flip(1)
     return Spectrum(weight=weight, whitener=whitener, energy=energy, basis=basis, right=right)
 
 

@@ -33,7 +33,9 @@ from sola_stream.pipeline.resume import RunDir, fingerprint
 from sola_stream.storage.sola_section import FORMAT_VERSION as SECTION_VERSION
 from sola_stream.pipeline.stop import GracefulStop, Interrupted
 from sola_stream.pipeline.skeleton import Skeleton
-from sola_stream.pipeline.state_cache import StateCache
+from sola_stream.pipeline.paired import compress_compensated
+from sola_stream.pipeline.state_cache import StateCache, Streams
+from sola_stream.pipeline.survey import survey
 from sola_stream.pipeline.block_forward import BlockStats, run_block
 
 
@@ -110,7 +112,9 @@ def outer_digest(reader: CheckpointReader, layers_prefix: str) -> str:
 
 
 def compress(model: str, out: str, options: CompressOptions, progress: bool = True,
-             keep_final_states: bool = False, overwrite: bool = False) -> Summary:
+             keep_final_states: bool = False, overwrite: bool = False, shared: dict | None = None) -> Summary:
+    """Compress `model` into `out`. `shared`: a dict kept across the outputs of one multi-ratio
+    run (what they can share is left in it: the survey of --allocation global)."""
     options.validate()
     t0 = time.time()
     threads = "{} ({})".format(*set_threads(options.threads))
@@ -156,7 +160,7 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
             verify.close()
             log.write("verified", blocks=start, seconds=round(time.time() - t_verify, 3))
         run.cleanup_orphans()
-        cache = StateCache(run.dir, on_disk=plan.spill)
+        cache = Streams(run.dir, on_disk=plan.spill, original=options.two_streams)
         commits = Background("commit")
         final = None
         try:
@@ -164,10 +168,22 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
                 if run.manifest["states"] is None and start:
                     raise OutputError(f"{run.dir / 'manifest.json'}: damaged run manifest (no calibration states "
                                       f"recorded for block {start}); run with --overwrite to start over")
+                if start and options.two_streams and "original_sha256" not in run.manifest["states"]:
+                    raise OutputError(f"{run.dir / 'manifest.json'}: damaged run manifest (no original-model states "
+                                      f"recorded for block {start}); run with --overwrite to start over")
+                budgets = run.manifest.get("budgets")
+                if start and (options.allocation == "global") != (budgets is not None and len(budgets) == n):
+                    raise OutputError(f"{run.dir / 'manifest.json'}: damaged run manifest (block budgets of the "
+                                      f"model-wide allocation missing or not {n}); run with --overwrite to start over")
                 if run.manifest["states"] is None:  # a fresh run: embed the windows
-                    target = cache.create(0, (len(windows), options.seqlen, skeleton.hidden_size))
-                    kwargs = embed_windows(skeleton, windows, batch, target, cache.release)[1]
-                    run.commit_start(outer, cache.take_target(0)())
+                    target = cache.create((len(windows), options.seqlen, skeleton.hidden_size))
+                    kwargs = embed_windows(skeleton, windows, batch, target, cache.main.release)[1]
+                    budgets = None
+                    if options.allocation == "global":  # the survey overwrites the states: embedded again
+                        budgets = _budgets(skeleton, target, kwargs, options, device, batch, cache, progress, log,
+                                           shared)
+                        embed_windows(skeleton, windows, batch, target, cache.main.release)
+                    run.commit_start(outer, cache.take_first()(), budgets)
                 else:
                     kwargs = skeleton.embed(windows[:1])[1]
                     cache.open(start)
@@ -180,7 +196,8 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
                 t_block, last = time.time(), i == n - 1
                 block_weights, digest = weights.get(i, i + 1 if not last else None)
                 result = _compress_one(i, block_weights, skeleton, cache, kwargs[i], options, device, batch, commits,
-                                       need_outputs=not last or keep_final_states)
+                                       need_outputs=not last or keep_final_states,
+                                       budget=run.manifest["budgets"][i] if run.manifest.get("budgets") else None)
                 del block_weights
                 commits.wait()  # block i-1's commit is done with the states about to be replaced
                 swap = cache.take_target(i + 1)  # this block's outputs become the next one's inputs
@@ -201,7 +218,7 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
                                       "run the same command again to resume")
             commits.wait()
             if keep_final_states and start < n:
-                final = cache.source.clone()
+                final = cache.main.source.clone()
         finally:
             commits.wait(quiet=True)  # a commit in flight completes before the lock is released
             cache.close()
@@ -222,36 +239,34 @@ def _commit(run: RunDir, out_dir: Path, family, i: int, tensors: dict, entry: di
     logged()
 
 
-def _compress_one(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: StateCache, kwargs: dict,
+def _compress_one(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, streams: Streams, kwargs: dict,
                   options: CompressOptions, device: torch.device, batch: int, commits: Background,
-                  need_outputs: bool = True) -> BlockResult:
-    """Statistics, compression and propagation of block i. The next block's inputs go to the
-    cache's target (in RAM the same tensor, overwritten chunk by chunk)."""
+                  need_outputs: bool = True, budget: int | None = None) -> BlockResult:
+    """Statistics, compression and propagation of block i (`budget`: its parameters, from a
+    model-wide allocation). The next block's inputs go to the
+    caches' targets (in RAM the same tensors, overwritten chunk by chunk)."""
     family = skeleton.family
     prefix = family.block_prefix(i)
     _check_finite_weights(weights, skeleton.reader, prefix)
     storage = weights[family.linears[0] + ".weight"].dtype
-    block = build_block(skeleton.meta_block(i), weights, None, device, torch.float32)
+    cache = streams.main
     keep_original = options.propagate == "original"
-    stats = BlockStats(block, family, stop_early=not keep_original)
     target = cache.begin_block(i)
-    if keep_original:
-        commits.wait()  # the previous commit may still be reading these states
-    try:
-        run_block(block, cache.source, kwargs, device, batch, out=target if keep_original else None,
-                  release=cache.release)
-    except FloatingPointError as exc:
-        raise InputError(f"calibration states in block {i} ({prefix}*): NaN or Inf values: {exc}") from None
-    stats.remove()
-    del block
-    for key, cov in stats.cov.items():  # the statistics pass may stop before the block's output
-        _check_finite(cov, f"calibration states in block {i} ({prefix}*), {key} statistics")
-    try:
-        result = compress_block(weights, stats.cov, stats.neuron_scores(), family, options.method,
-                                options.ratio, options.prime_ratio, storage)
-    except ValueError as exc:
-        raise InputError(f"block {i} ({prefix}*): {exc}") from None
-    del stats
+    if options.fit == "compensate":
+        commits.wait()  # the previous commit may still be reading the states overwritten here
+        x = streams.original if streams.original is not None else cache
+        x_out = (x.begin_block(i) if x is not cache else target) if need_outputs else None
+        try:
+            result = compress_compensated(
+                skeleton.meta_block(i), weights, family, (options.method, options.ratio, options.prime_ratio, budget),
+                kwargs, device, batch, x.source, cache.source, x_out, streams.begin_pass, streams.release, storage,
+                lambda t, what: _check_finite(t, f"calibration states in block {i} ({prefix}*), {what}"))
+        except FloatingPointError as exc:
+            raise InputError(f"calibration states in block {i} ({prefix}*): NaN or Inf values: {exc}") from None
+        except ValueError as exc:
+            raise InputError(f"block {i} ({prefix}*): {exc}") from None
+    else:
+        result = _plain(i, weights, skeleton, cache, target, kwargs, options, device, batch, commits, storage, budget)
     if not keep_original and need_outputs:
         cblock = build_block(skeleton.meta_block(i), result.tensors, result.specs, device, torch.float32)
         commits.wait()
@@ -264,6 +279,58 @@ def _compress_one(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def _plain(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: StateCache, target: torch.Tensor,
+           kwargs: dict, options: CompressOptions, device: torch.device, batch: int, commits: Background,
+           storage: torch.dtype, budget: int | None) -> BlockResult:
+    """The plain fit: one statistics pass through the original block (carrying the states to
+    the next block too with --propagate original), then the block's compression."""
+    family = skeleton.family
+    prefix = family.block_prefix(i)
+    block = build_block(skeleton.meta_block(i), weights, None, device, torch.float32)
+    keep_original = options.propagate == "original"
+    stats = BlockStats(block, family, stop_early=not keep_original)
+    if keep_original:
+        commits.wait()  # the previous commit may still be reading these states
+    try:
+        run_block(block, cache.source, kwargs, device, batch, out=target if keep_original else None,
+                  release=cache.release)
+    except FloatingPointError as exc:
+        raise InputError(f"calibration states in block {i} ({prefix}*): NaN or Inf values: {exc}") from None
+    stats.remove()
+    del block
+    for key, cov in stats.cov.items():  # the statistics pass may stop before the block's output
+        _check_finite(cov, f"calibration states in block {i} ({prefix}*), {key} statistics")
+    try:
+        return compress_block(weights, stats.cov, stats.neuron_scores(), family, options.method,
+                              options.ratio, options.prime_ratio, storage, budget)
+    except ValueError as exc:
+        raise InputError(f"block {i} ({prefix}*): {exc}") from None
+
+
+def _budgets(skeleton: Skeleton, states: torch.Tensor, kwargs: dict, options: CompressOptions, device, batch: int,
+             cache: Streams, progress: bool, log: RunLog, shared: dict | None) -> list[int]:
+    """Block budgets of the model-wide allocation; the survey is taken from `shared` when an
+    earlier output of the same multi-ratio run made it (else made, and left there)."""
+    t0 = time.time()
+    cache.begin_pass()  # page release restarts at the first window, for the survey and after it
+    try:
+        if shared is not None and "survey" in shared:
+            found, seconds = shared["survey"], 0.0
+        else:
+            found = survey(skeleton, states, kwargs, options, device, batch, cache.main.release, progress)
+            seconds = round(time.time() - t0, 3)
+            if shared is not None:
+                shared["survey"] = found
+        budgets = found.budgets(options.ratio)
+    except FloatingPointError as exc:
+        raise InputError(f"calibration states in the survey pass: NaN or Inf values: {exc}") from None
+    except ValueError as exc:
+        raise InputError(f"--allocation global: {exc}") from None
+    log.write("survey", seconds=seconds, shared=seconds == 0.0, budgets=budgets)
+    cache.begin_pass()
+    return budgets
 
 
 def _block_entry(i: int, result: BlockResult, input_sha256: str) -> dict:
@@ -297,6 +364,8 @@ def _sola_section(options: CompressOptions, calib_desc: str, manifest: dict, rea
         "calibration": {"source": calib_desc, "sha256": fp["calibration_sha256"], "nsamples": options.nsamples,
                         "seqlen": options.seqlen, "seed": options.seed},
         "propagate": options.propagate,
+        "fit": options.fit,
+        "allocation": options.allocation,
         "linears": list(family.linears),
         "input_groups": family.shared_inputs,  # layers sharing one input (fused at load)
         **({"experts_path": family.experts.path} if family.experts else {}),  # per-expert layers (nn.Experts)

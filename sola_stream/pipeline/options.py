@@ -13,6 +13,10 @@ from sola_stream.storage.calibration import DEFAULT_NSAMPLES, DEFAULT_SEED, DEFA
 from sola_stream.errors import InputError
 
 PROPAGATE = ("compressed", "original")
+FITS = ("plain", "compensate")
+ALLOCATIONS = ("block", "global")
+# the fit each method runs unless --fit says otherwise: the baselines stay the published methods
+DEFAULT_FIT = {"sola": "plain", "svd-llm": "plain", "svd": "plain"}
 
 
 def check_device(device: str, need_device: bool = True) -> torch.device:
@@ -41,13 +45,17 @@ class CompressOptions:
     method: str = "sola"
     ratio: float = 0.2
     ratio_of: str = "blocks"  # "blocks": of the block linear weights; "model": of all parameters
-    prime_ratio: float = 0.15
+    prime_ratio: float = 0.25  # measured best on SmolLM2 at 20% and 30% (docs/BENCHMARKS.md, ablations)
     calib: str | None = None
     nsamples: int = DEFAULT_NSAMPLES
     seqlen: int = DEFAULT_SEQLEN
     seed: int = DEFAULT_SEED
     device: str = "auto"
     propagate: str = "compressed"
+    fit: str | None = None  # None: the method's default (DEFAULT_FIT)
+    # per block at the block's ratio, or model-wide (a survey pass first; sola only): better quality,
+    # not the default until its host peak with a spilled cache is within the plan (docs/BENCHMARKS.md)
+    allocation: str = "block"
     batch_tokens: int | None = None  # tokens per forward chunk (None: planned from the device budget)
     max_gpu_memory: float | None = None  # GiB; None: the device's total memory
     max_host_memory: float | None = None  # GiB; None: the host's available memory at the start
@@ -63,6 +71,16 @@ class CompressOptions:
             raise InputError(f"--ratio-of: {self.ratio_of!r} is not blocks or model")
         if not 0.0 <= self.prime_ratio < 1.0:
             raise InputError(f"--prime-ratio: {self.prime_ratio} is out of range [0, 1)")
+        if self.fit is None:
+            self.fit = DEFAULT_FIT.get(self.method, "plain")
+        if self.fit not in FITS:
+            raise InputError(f"--fit: {self.fit!r} is not one of {', '.join(FITS)}")
+        if self.fit == "compensate" and self.method == "svd":
+            raise InputError("--fit compensate needs a whitened method (sola or svd-llm), not svd")
+        if self.allocation not in ALLOCATIONS:
+            raise InputError(f"--allocation: {self.allocation!r} is not one of {', '.join(ALLOCATIONS)}")
+        if self.method != "sola":
+            self.allocation = "block"  # the baselines' uniform ranks: nothing to allocate
         if self.propagate not in PROPAGATE:
             raise InputError(f"--propagate: {self.propagate!r} is not one of {', '.join(PROPAGATE)}")
         check_device(self.device, need_device)
@@ -75,6 +93,11 @@ class CompressOptions:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise InputError(f"--{name.replace('_', '-')}: {value} GiB is not a positive number")
+
+    @property
+    def two_streams(self) -> bool:
+        """The run carries the original model's states beside the compressed model's."""
+        return self.fit == "compensate" and self.propagate == "compressed"
 
     def resolved_device(self) -> torch.device:
         return check_device(self.device)

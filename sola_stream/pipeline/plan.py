@@ -148,10 +148,17 @@ def _g(n: int | None) -> str:
     return "none" if n is None else f"{n / GIB:.2f} GiB"
 
 
-def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens: int, cpu: bool) -> dict[str, int]:
-    """Bytes on the compute device for each step of one block (float32 compute, float64 math)."""
+def _fit(options) -> str:
+    return getattr(options, "fit", None) or "plain"
+
+
+def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens: int, cpu: bool,
+                 fit: str = "plain") -> dict[str, int]:
+    """Bytes on the compute device for each step of one block (float32 compute, float64 math).
+    The compensating fit holds two blocks (the original and the one being compressed), the input
+    of one layer per stream and a cross-covariance beside each covariance."""
     h, i = s.hidden, s.neurons
-    block = 4 * s.block_params
+    block = 4 * s.block_params * (2 if fit == "compensate" else 1)
     # live floats per token in a block forward: chunk in/out and residual, the FFN's gate, up,
     # act, product and the score hook's |a|; attention q/k/v with rotary copies; CPU sdpa also
     # materializes the heads x seqlen scores of each window
@@ -160,6 +167,10 @@ def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens
     acts = 4 * tokens * max(ffn, att)
     squares = sum(w * w for w in s.group_widths)
     covs = 4 * squares
+    if fit == "compensate":
+        widest = max(s.group_widths)
+        acts += 2 * 4 * tokens * widest
+        covs += 2 * 4 * widest * widest
     ms = marginal_neurons(s, method, prime_ratio)
     m = max(ms)
     # float64 C and L (the FFNs' neuron covariances restricted to marginal neurons), kept L's
@@ -189,18 +200,19 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
         budget_host = int(options.max_host_memory * GIB)
     if not cpu and budget_device is None and torch.cuda.is_available():
         budget_device = torch.cuda.get_device_properties(device).total_memory
-    states = 4 * options.nsamples * options.seqlen * s.hidden
+    streams = 2 if getattr(options, "two_streams", False) else 1  # --fit compensate: the original model's too
+    states = streams * 4 * options.nsamples * options.seqlen * s.hidden
     problems: list[str] = []
 
     tokens = options.batch_tokens or DEFAULT_BATCH_TOKENS["cpu" if cpu else "cuda"]
-    dev = device_terms(s, options.method, options.prime_ratio, options.seqlen, tokens, cpu)
+    dev = device_terms(s, options.method, options.prime_ratio, options.seqlen, tokens, cpu, _fit(options))
     if not cpu and budget_device is not None and options.batch_tokens is None:
         # largest power-of-two chunk (at least one window) that fits the device budget
         while tokens > options.seqlen and _peak(dev) + CUDA_CONTEXT > budget_device:
             tokens //= 2
-            dev = device_terms(s, options.method, options.prime_ratio, options.seqlen, tokens, cpu)
+            dev = device_terms(s, options.method, options.prime_ratio, options.seqlen, tokens, cpu, _fit(options))
     tokens = max(tokens, options.seqlen)
-    dev = device_terms(s, options.method, options.prime_ratio, options.seqlen, tokens, cpu)
+    dev = device_terms(s, options.method, options.prime_ratio, options.seqlen, tokens, cpu, _fit(options))
     if not cpu and budget_device is not None and _peak(dev) + CUDA_CONTEXT > budget_device:
         problems.append(f"peak GPU memory {_g(_peak(dev) + CUDA_CONTEXT)} exceeds the budget {_g(budget_device)} "
                         "even with one window per chunk")
@@ -213,11 +225,13 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     if cpu:
         host["compute (block, chunk, statistics)"] = _peak(dev)
     chunk = 4 * tokens * s.hidden
+    if getattr(options, "allocation", "block") == "global" and options.method == "sola":
+        host["survey (a block's update, one chunk)"] = chunk  # pipeline/survey.py
     spill = False
     in_ram = sum(host.values()) + states
     if budget_host is not None and in_ram > budget_host:
         spill = True
-    host["calibration cache" + (" (two chunks, rest on disk)" if spill else "")] = 2 * chunk if spill else states
+    host["calibration cache" + (" (two chunks, rest on disk)" if spill else "")] = 2 * streams * chunk if spill else states
     if budget_host is not None and sum(host.values()) > budget_host:
         problems.append(f"peak host memory {_g(sum(host.values()))} exceeds the budget {_g(budget_host)} "
                         "even with the calibration cache on disk")
@@ -227,16 +241,21 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
 
     out_block = int(weights * (1 - options.ratio)) + s.storage_bytes * 4 * s.hidden
     disk = {"output shards": s.blocks * out_block + s.storage_bytes * s.outer_params,
-            "states checkpoints (two while running)": 2 * states}
+            "states checkpoints (two per stream while running)": 2 * states}
 
-    # forward (2 FLOP per weight per token, twice: statistics and propagation), covariances,
-    # attention scores, and the decompositions (Cholesky + Gram + eigh, ~ n^3 terms)
+    # forward (2 FLOP per weight per token, and the attention scores), covariances, and the
+    # decompositions (Cholesky + Gram + eigh, ~ n^3 terms)
     n_tok = options.nsamples * options.seqlen
     h = s.hidden
     ms = marginal_neurons(s, options.method, options.prime_ratio)
-    flops = (2 * 2 * s.block_params * n_tok + 2 * n_tok * sum(w * w for w in s.group_widths)
-             + 2 * 2 * 2 * n_tok * options.seqlen * s.attn
-             + sum(m ** 3 / 3 + 2 * h * m * m + 2 * h * m * h * 3 for m in ms) + 2 * h ** 3 + 10 * 4 * h ** 3)
+    forward = 2 * s.block_params * n_tok + 2 * 2 * n_tok * options.seqlen * s.attn  # one pass over the windows
+    covariances = 2 * n_tok * sum(w * w for w in s.group_widths)
+    decompositions = sum(m ** 3 / 3 + 2 * h * m * m + 2 * h * m * h * 3 for m in ms) + 2 * h ** 3 + 10 * 4 * h ** 3
+    # plain fit: statistics and propagation passes; compensating fit: about five (pipeline/paired.py)
+    passes = 5 if _fit(options) == "compensate" else 2
+    flops = passes * forward + covariances * (2 if _fit(options) == "compensate" else 1) + decompositions
+    if getattr(options, "allocation", "block") == "global" and options.method == "sola":
+        flops += forward + covariances + decompositions  # the survey pass (pipeline/survey.py)
     plan = Plan(device=device.type, batch_tokens=tokens, spill=spill, states_bytes=states, device_parts=dev,
                 host_parts=host, disk_parts=disk, budget_device=budget_device, budget_host=budget_host,
                 flops_per_block=float(flops), problems=problems)

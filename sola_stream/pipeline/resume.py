@@ -27,7 +27,7 @@ from sola_stream.errors import OutputError
 from sola_stream.storage.lock import DirLock
 from sola_stream.storage.ownership import MARKER, finish_output, foreign_planned, read_marker, remove_ours, verify_files, write_marker
 from sola_stream.storage.output import block_shard_name
-from sola_stream.pipeline.state_cache import states_file
+from sola_stream.pipeline.state_cache import STREAMS, states_file
 
 RUN_DIR = ".sola-run"
 MANIFEST = "manifest.json"
@@ -170,11 +170,11 @@ class RunDir:
         if m["outer_sha256"] is not None and m["outer_sha256"] != outer_digest:
             raise OutputError(f"{self.out_dir}: the input model's embeddings/head changed since this run started; "
                               f"{_REDO}")
-        if m["states"] is not None:
-            path = self.states_path(self.next_block)
+        for stream, sha in _stream_hashes(m["states"]):
+            path = self.states_path(self.next_block, stream)
             if not path.is_file():
                 raise OutputError(f"{path}: calibration states of the unfinished run are missing; {_REDO}")
-            if file_sha256(path) != m["states"]["sha256"]:
+            if file_sha256(path) != sha:
                 raise OutputError(f"{path}: calibration states damaged (checksum differs from the manifest); {_REDO}")
 
         def check(entry: dict) -> str | None:
@@ -199,31 +199,36 @@ class RunDir:
     def next_block(self) -> int:
         return len(self.manifest["blocks"])
 
-    def states_path(self, block: int) -> Path:
-        return states_file(self.dir, block)
+    def states_path(self, block: int, stream: str = "states") -> Path:
+        return states_file(self.dir, block, stream)
 
-    def commit_start(self, outer_digest: str, states_sha256: str) -> None:
-        """The first block's states are durable: recorded with the outer tensors' digest."""
+    def commit_start(self, outer_digest: str, states_sha256: dict[str, str], budgets: list[int] | None = None) -> None:
+        """The first block's states are durable (`states_sha256`: SHA-256 by stream): recorded
+        with the outer tensors' digest and, for a model-wide allocation, every block's budget."""
         self.manifest["outer_sha256"] = outer_digest
-        self.manifest["states"] = {"block": 0, "sha256": states_sha256}
+        if budgets is not None:
+            self.manifest["budgets"] = budgets
+        self.manifest["states"] = _states_entry(0, states_sha256)
         atomic_write_json(self.dir / MANIFEST, self.manifest)
 
     def commit_block(self, index: int, entry: dict, persist_states) -> None:
         """Called after block `index`'s shard is durable (its SHA-256 in `entry`):
-        `persist_states()` makes the next block's states durable and returns their SHA-256
-        (None after the last block), then the manifest commits."""
+        `persist_states()` makes the next block's states durable and returns their SHA-256 by
+        stream (None after the last block), then the manifest commits."""
         if persist_states is not None:
-            self.manifest["states"] = {"block": index + 1, "sha256": persist_states()}
+            self.manifest["states"] = _states_entry(index + 1, persist_states())
         else:
             self.manifest["states"] = None
         self.manifest["blocks"].append(entry)
         atomic_write_json(self.dir / MANIFEST, self.manifest)
-        self.states_path(index).unlink(missing_ok=True)
+        for stream in STREAMS:
+            self.states_path(index, stream).unlink(missing_ok=True)
 
     def cleanup_orphans(self) -> None:
         """Temp files and uncommitted states left by a crash (they are rewritten anyway)."""
-        for p in self.dir.glob("states-*.safetensors"):
-            if p != self.states_path(self.next_block):
+        keep = {self.states_path(self.next_block, stream) for stream in STREAMS}
+        for p in [p for stream in STREAMS for p in self.dir.glob(f"{stream}-*.safetensors")]:
+            if p not in keep:
                 p.unlink()
         for p in [*self.dir.glob(".*.tmp"), *self.out_dir.glob(".*.tmp")]:
             p.unlink()
@@ -261,7 +266,11 @@ def _valid_manifest(m) -> bool:
         return False
     states = m.get("states")
     if not (states is None or (isinstance(states, dict) and isinstance(states.get("sha256"), str)
-                               and states.get("block") == len(m["blocks"]))):
+                               and states.get("block") == len(m["blocks"])
+                               and all(isinstance(v, str) for k, v in states.items() if k.endswith("sha256")))):
+        return False
+    budgets = m.get("budgets")
+    if budgets is not None and not (isinstance(budgets, list) and all(type(x) is int and x > 0 for x in budgets)):
         return False
     for i, b in enumerate(m["blocks"]):
         if not isinstance(b, dict) or b.get("block") != i or b.get("shard") != block_shard_name(i):
@@ -271,6 +280,19 @@ def _valid_manifest(m) -> bool:
         if not isinstance(b.get("layers"), dict) or not all(isinstance(b.get(k), int) for k in ("dense_params", "kept_params")):
             return False
     return True
+
+
+def _states_entry(block: int, hashes: dict[str, str]) -> dict:
+    """The manifest's record of the states entering `block`: `sha256` for the compressed model's
+    stream, `<stream>_sha256` for any other."""
+    return {"block": block, **{("sha256" if s == "states" else f"{s}_sha256"): h for s, h in hashes.items()}}
+
+
+def _stream_hashes(entry: dict | None) -> list[tuple[str, str]]:
+    """(stream, SHA-256) of each states file a manifest entry records."""
+    if entry is None:
+        return []
+    return [(s, entry[k]) for s in STREAMS if (k := "sha256" if s == "states" else f"{s}_sha256") in entry]
 
 
 def _first_difference(old: dict, new: dict, path: str = "") -> str:

@@ -29,9 +29,13 @@ PAGE = mmap.PAGESIZE
 TENSOR = "states"
 
 
-def states_file(run_dir: Path, block: int) -> Path:
-    """The committed calibration states entering `block`."""
-    return run_dir / f"states-{block:05d}.safetensors"
+STREAMS = ("states", "original")  # the states the compressed model produces; the original model's
+
+
+def states_file(run_dir: Path, block: int, stream: str = "states") -> Path:
+    """The committed calibration states entering `block`: those the compressed blocks produce
+    (`states`), or, for the error-compensating fit, those the original blocks produce (`original`)."""
+    return run_dir / f"{stream}-{block:05d}.safetensors"
 
 
 def _header(shape: tuple[int, ...]) -> bytes:
@@ -163,14 +167,14 @@ class StateCache:
     Disk: source is the committed states file of this block, target a new temp file.
     """
 
-    def __init__(self, run_dir: Path, on_disk: bool):
-        self.dir, self.on_disk = run_dir, on_disk
+    def __init__(self, run_dir: Path, on_disk: bool, stream: str = "states"):
+        self.dir, self.on_disk, self.stream = run_dir, on_disk, stream
         self._ram: torch.Tensor | None = None
         self._src: MappedStates | None = None
         self._dst: MappedStates | None = None
 
     def path(self, block: int) -> Path:
-        return states_file(self.dir, block)
+        return states_file(self.dir, block, self.stream)
 
     # -- the states of a block ------------------------------------------------------------------
     def create(self, block: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -231,3 +235,49 @@ class StateCache:
             if m is not None:
                 m.close()
         self._src = self._dst = None
+
+
+class Streams:
+    """The calibration states a run carries: always the compressed model's (`main`), and for the
+    error-compensating fit with compressed propagation the original model's too (`original`),
+    both windows x seqlen x hidden, cached and checkpointed the same way."""
+
+    def __init__(self, run_dir: Path, on_disk: bool, original: bool):
+        self.main = StateCache(run_dir, on_disk, "states")
+        self.original = StateCache(run_dir, on_disk, "original") if original else None
+        self.caches = {c.stream: c for c in (self.main, self.original) if c is not None}
+
+    def create(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Block 0's states (the embeddings, the same in both streams), for the caller to fill
+        before `take_first`."""
+        self._first = self.main.create(0, shape)
+        return self._first
+
+    def take_first(self):
+        """As `take_target(0)`, once the first states are filled: the original stream gets a copy."""
+        if self.original is not None:
+            self.original.create(0, tuple(self._first.shape)).copy_(self._first)
+        self._first = None
+        return self.take_target(0)
+
+    def open(self, block: int) -> None:
+        for c in self.caches.values():
+            c.open(block)
+
+    def begin_pass(self) -> None:
+        for c in self.caches.values():
+            c.begin_pass()
+
+    def release(self, upto_window: int) -> None:
+        for c in self.caches.values():
+            c.release(upto_window)
+
+    def take_target(self, block: int):
+        """As StateCache.take_target, for every stream: the returned function makes them durable
+        and returns their SHA-256 by stream name."""
+        persist = {name: c.take_target(block) for name, c in self.caches.items()}
+        return lambda: {name: p() for name, p in persist.items()}
+
+    def close(self) -> None:
+        for c in self.caches.values():
+            c.close()

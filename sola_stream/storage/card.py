@@ -47,7 +47,8 @@ def render(config: dict, evals: list[dict]) -> str:
              if "params" in sola else "| parameters | |",
              f"| calibration | {cal.get('nsamples')} windows x {cal.get('seqlen')} tokens of {cal.get('source')}, "
              f"seed {cal.get('seed')} |",
-             f"| states propagated through | the {sola.get('propagate', 'compressed')} blocks |", "",
+             f"| states propagated through | the {sola.get('propagate', 'compressed')} blocks |",
+             f"| fit, rank allocation | {sola.get('fit', 'plain')}, {sola.get('allocation', 'block')} |", "",
              "Ratios: the fraction of parameters removed, counted over the decoder blocks' linear weights (the "
              "papers' definition; embeddings, norms and head are kept) and over the whole model.", "",
              "## Load", "", "```python",

@@ -1,0 +1,95 @@
+"""Model-wide rank allocation (--allocation global): a survey pass, then one budget per block.
+
+A streaming run decides block i's ranks before it sees block i+1. To let blocks trade parameters,
+a first pass runs the calibration states through the *original* blocks (statistics only, nothing
+written), whitens and factors every layer as the compressing pass would (same prime split, same
+candidates), and keeps only each candidate's energies. One greedy allocation over all candidates
+of all blocks (method/allocate.py) then gives each block its parameter budget; the compressing
+pass allocates inside each block on its own statistics within that budget. The budgets are
+recorded in the run manifest, so a resumed run uses the same.
+
+Across blocks a layer's relative error is not worth the same everywhere: a block whose update
+is small against the residual stream it adds to (||h_out - h_in||^2 / ||h_in||^2, mean over
+tokens) passes a relative error of its layers on as a small relative error of the stream. Each
+candidate's gains are weighted by its block's relative update, which restates them relative to
+the stream. Unweighted, the model-wide allocation starved the first and last blocks and lost to
+the per-block one (docs/BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from sola_stream.method.allocate import Candidate, allocate, factored_params
+from sola_stream.method.block_compress import Layout
+from sola_stream.nn.build import build_block
+from sola_stream.pipeline.block_forward import BlockStats, _to
+
+
+@dataclass
+class Survey:
+    """Every block's candidates (energies, weighted), and its fixed and dense parameters: what a
+    model-wide allocation needs, for any ratio (shared by the outputs of a multi-ratio run)."""
+
+    candidates: list[Candidate]
+    fixed: list[int]
+    dense: list[int]
+
+    def budgets(self, ratio: float) -> list[int]:
+        """Per-block parameter budgets (block linear weights) that remove `ratio` of the model's."""
+        total = math.floor((1.0 - ratio) * sum(self.dense)) - sum(self.fixed)
+        if total <= 0:
+            raise ValueError(f"ratio {ratio} leaves no room beyond the prime neurons")
+        ranks = allocate(self.candidates, total)
+        budgets = list(self.fixed)
+        for c in self.candidates:  # rank None: dense (m n); 0: nothing yet (the compressing pass keeps 1)
+            budgets[int(c.name.split(":", 1)[0])] += factored_params(c.m, c.n, ranks[c.name])
+        return budgets
+
+
+@torch.no_grad()
+def survey(skeleton, states: torch.Tensor, kwargs: dict[int, dict], options, device, batch: int,
+           release=None, progress: bool = True) -> Survey:
+    """The survey pass (module docstring). `states` (the first block's inputs) are overwritten
+    block by block."""
+    family, n = skeleton.family, skeleton.num_blocks
+    candidates: list[Candidate] = []
+    fixed, dense = [0] * n, [0] * n
+    for i in tqdm(range(n), desc="survey", unit="block", disable=not progress):
+        weights = skeleton.reader.tensors(family.block_prefix(i))
+        block = build_block(skeleton.meta_block(i), weights, None, device, torch.float32)
+        stats = BlockStats(block, family)
+        update = _propagate(block, states, kwargs[i], device, batch, release)
+        stats.remove()
+        del block
+        # ranks for ratio 0 are computed and ignored: only the spectra and the split are used
+        layout = Layout(weights, stats.cov, stats.neuron_scores(), family, options.method, 0.0, options.prime_ratio,
+                        values_only=True)
+        fixed[i], dense[i] = layout.fixed, layout.dense_params
+        for c in layout.candidates:  # relative error of a layer, restated relative to the residual stream
+            candidates.append(Candidate(f"{i}:{c.name}", c.m, c.n, c.energy.cpu(), update))
+        del layout, stats, weights
+    return Survey(candidates, fixed, dense)
+
+def _propagate(block, states: torch.Tensor, kwargs: dict, device, batch: int, release) -> float:
+    """Run `states` through `block` in place; returns the mean over tokens of the block's relative
+    update ||h_out - h_in||^2 / ||h_in||^2 (how much the block changes the residual stream)."""
+    kw = {k: _to(v, device) for k, v in kwargs.items()}
+    total, count = 0.0, 0
+    for s in range(0, states.shape[0], batch):
+        inp = states[s:s + batch].to(device)
+        out = block(inp, **kw)
+        out = out[0] if isinstance(out, tuple) else out
+        if not torch.isfinite(out).all():
+            raise FloatingPointError(f"non-finite block output for calibration windows {s}..{s + len(out) - 1}")
+        # one chunk-sized temporary (out - inp), counted by the plan
+        ratio = (torch.linalg.vector_norm(out - inp, dim=-1) / torch.linalg.vector_norm(inp, dim=-1).clamp_min(1e-30)) ** 2
+        total += float(ratio.sum())
+        count += ratio.numel()
+        states[s:s + batch].copy_(out.to(states.dtype))
+        if release is not None:
+            release(s + batch)
+    return total / max(count, 1)
