@@ -108,3 +108,14 @@ def test_plan_json_and_gpu_chunking(wide):
     assert not plan.problems, plan.describe()
     assert plan.peak_device <= 22 * GIB and plan.batch_tokens >= 2048
 
+
+
+def test_model_wide_allocation_keeps_the_spilled_cache_out_of_ram(wide, spill_budget, in_ram, tmp_path):
+    """The survey pass of --allocation global walks the spilled cache once per block: its pages are
+    dropped in every pass, so the run stays within the plan's bound (it once held the whole cache)."""
+    r, rss = run("compress", str(wide), str(tmp_path / "global"), *CALIB, "--allocation", "global",
+                 "--max-host-memory", f"{spill_budget:.4f}", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "cache spilled to disk" in r.stdout
+    assert rss <= spill_budget * GIB
+    assert rss < in_ram[1] - CACHE_BYTES // 2

@@ -319,7 +319,8 @@ def _budgets(skeleton: Skeleton, states: torch.Tensor, kwargs: dict, options: Co
         if shared is not None and "survey" in shared:
             found, seconds = shared["survey"], 0.0
         else:
-            found = survey(skeleton, states, kwargs, options, device, batch, cache.main.release, progress)
+            found = survey(skeleton, states, kwargs, options, device, batch, cache.main.release, cache.begin_pass,
+                           progress)
             seconds = round(time.time() - t0, 3)
             if shared is not None:
                 shared["survey"] = found

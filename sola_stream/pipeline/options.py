@@ -54,7 +54,7 @@ class CompressOptions:
     propagate: str = "compressed"
     fit: str | None = None  # None: the method's default (DEFAULT_FIT)
     # per block at the block's ratio, or model-wide (a survey pass first; sola only): better quality,
-    # not the default until its host peak with a spilled cache is within the plan (docs/BENCHMARKS.md)
+    # not the default yet (docs/BENCHMARKS.md "Quality options")
     allocation: str = "block"
     batch_tokens: int | None = None  # tokens per forward chunk (None: planned from the device budget)
     max_gpu_memory: float | None = None  # GiB; None: the device's total memory

@@ -52,9 +52,10 @@ class Survey:
 
 @torch.no_grad()
 def survey(skeleton, states: torch.Tensor, kwargs: dict[int, dict], options, device, batch: int,
-           release=None, progress: bool = True) -> Survey:
+           release=None, begin_pass=None, progress: bool = True) -> Survey:
     """The survey pass (module docstring). `states` (the first block's inputs) are overwritten
-    block by block."""
+    block by block; `release(k)` once windows before k are done, `begin_pass()` before each block
+    (a spilled cache drops its pages window by window in every pass)."""
     family, n = skeleton.family, skeleton.num_blocks
     candidates: list[Candidate] = []
     fixed, dense = [0] * n, [0] * n
@@ -62,6 +63,8 @@ def survey(skeleton, states: torch.Tensor, kwargs: dict[int, dict], options, dev
         weights = skeleton.reader.tensors(family.block_prefix(i))
         block = build_block(skeleton.meta_block(i), weights, None, device, torch.float32)
         stats = BlockStats(block, family)
+        if begin_pass is not None:
+            begin_pass()
         update = _propagate(block, states, kwargs[i], device, batch, release)
         stats.remove()
         del block
