@@ -142,11 +142,10 @@ def _run_options(c: argparse.ArgumentParser) -> None:
                    help="block: every block keeps the same fraction, one pass; global: a survey pass over "
                         "all blocks first, so blocks trade parameters: better perplexity, about twice the "
                         "time (sola only; the baselines use uniform ranks; docs/METHOD.md)")
-    c.add_argument("--fit", default=None, choices=["plain", "compensate"],
+    c.add_argument("--fit", default="plain", choices=["plain", "compensate"],
                    help="plain: fit each layer to its own inputs (the published methods); compensate: fit "
                         "each layer so that, fed the inputs the compressed model produces, it reproduces "
-                        "the original model's outputs (docs/METHOD.md; keeps a second calibration cache). "
-                        "Default: plain")
+                        "the original model's outputs (docs/METHOD.md; keeps a second calibration cache)")
     c.add_argument("--max-gpu-memory", type=float, default=None, metavar="GIB",
                    help="GPU memory budget in GiB (default: the device's total memory)")
     c.add_argument("--max-host-memory", type=float, default=None, metavar="GIB",

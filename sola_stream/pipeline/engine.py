@@ -316,7 +316,8 @@ def _budgets(skeleton: Skeleton, states: torch.Tensor, kwargs: dict, options: Co
     t0 = time.time()
     cache.begin_pass()  # page release restarts at the first window, for the survey and after it
     try:
-        if shared is not None and "survey" in shared:
+        reused = shared is not None and "survey" in shared
+        if reused:
             found, seconds = shared["survey"], 0.0
         else:
             found = survey(skeleton, states, kwargs, options, device, batch, cache.main.release, cache.begin_pass,
@@ -329,7 +330,7 @@ def _budgets(skeleton: Skeleton, states: torch.Tensor, kwargs: dict, options: Co
         raise InputError(f"calibration states in the survey pass: NaN or Inf values: {exc}") from None
     except ValueError as exc:
         raise InputError(f"--allocation global: {exc}") from None
-    log.write("survey", seconds=seconds, shared=seconds == 0.0, budgets=budgets)
+    log.write("survey", seconds=seconds, shared=reused, budgets=budgets)
     cache.begin_pass()
     return budgets
 

@@ -15,8 +15,6 @@ from sola_stream.errors import InputError
 PROPAGATE = ("compressed", "original")
 FITS = ("plain", "compensate")
 ALLOCATIONS = ("block", "global")
-# the fit each method runs unless --fit says otherwise: the baselines stay the published methods
-DEFAULT_FIT = {"sola": "plain", "svd-llm": "plain", "svd": "plain"}
 
 
 def check_device(device: str, need_device: bool = True) -> torch.device:
@@ -52,7 +50,7 @@ class CompressOptions:
     seed: int = DEFAULT_SEED
     device: str = "auto"
     propagate: str = "compressed"
-    fit: str | None = None  # None: the method's default (DEFAULT_FIT)
+    fit: str = "plain"  # or "compensate" (opt-in: measured no gain on top of the other options)
     # per block at the block's ratio, or model-wide (a survey pass first; sola only): better quality,
     # not the default yet (docs/BENCHMARKS.md "Quality options")
     allocation: str = "block"
@@ -71,8 +69,6 @@ class CompressOptions:
             raise InputError(f"--ratio-of: {self.ratio_of!r} is not blocks or model")
         if not 0.0 <= self.prime_ratio < 1.0:
             raise InputError(f"--prime-ratio: {self.prime_ratio} is out of range [0, 1)")
-        if self.fit is None:
-            self.fit = DEFAULT_FIT.get(self.method, "plain")
         if self.fit not in FITS:
             raise InputError(f"--fit: {self.fit!r} is not one of {', '.join(FITS)}")
         if self.fit == "compensate" and self.method == "svd":

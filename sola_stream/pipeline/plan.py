@@ -149,7 +149,7 @@ def _g(n: int | None) -> str:
 
 
 def _fit(options) -> str:
-    return getattr(options, "fit", None) or "plain"
+    return getattr(options, "fit", "plain")
 
 
 def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens: int, cpu: bool,
