@@ -226,9 +226,11 @@ def _compress(args) -> int:
     from sola_stream.pipeline.memory import PeakMemory
 
     shared: dict = {}
-    for ratio in args.ratio:
+    runs = [_options(args, ratio) for ratio in args.ratio]
+    for opts in runs:  # every ratio checked before the first output is written
+        opts.validate(need_device=False)
+    for ratio, opts in zip(args.ratio, runs):
         out = args.output if len(args.ratio) == 1 else str(Path(args.output) / f"ratio-{ratio:g}")
-        opts = _options(args, ratio)
         with PeakMemory() as mem:  # the whole call (tokenization included); GPU peaks come from the engine
             s = compress(args.model, out, opts, progress=not args.no_progress, overwrite=args.overwrite,
                          shared=shared)

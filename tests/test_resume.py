@@ -388,3 +388,9 @@ def test_several_ratios_in_one_run_share_the_survey(model4, tmp_path):
     single = tmp_path / "single"
     assert cli(model4, single, "--allocation", "global", "--ratio", "0.4").returncode == 0
     assert hashes(single) == hashes(out / "ratio-0.4")
+
+
+def test_a_bad_ratio_in_a_list_is_refused_before_any_output(model4, tmp_path):
+    out = tmp_path / "multi"
+    one_error_line(cli(model4, out, "--ratio", "0.2,1.5"), "--ratio", "1.5")
+    assert not out.exists()
