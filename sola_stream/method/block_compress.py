@@ -13,9 +13,10 @@ import torch
 
 from sola_stream.method.allocate import Candidate, allocate, uniform_rank
 from sola_stream.families import Family
-from sola_stream.method.compensate import least_squares_weight, local_and_cumulative, prime_columns, prime_columns_fit
+from sola_stream.method.compensate import least_squares_weight, prime_columns, prime_columns_fit
 from sola_stream.method.decompose import Spectrum, cholesky_whitener, spectrum
 from sola_stream.nn.build import linear_params
+from sola_stream.phases import phase
 
 METHODS = ("sola", "svd-llm", "svd")
 
@@ -73,11 +74,17 @@ class Layout:
             if method == "svd":
                 return None
             if wkey not in self.whiteners:
-                c = covs[key] if index is None else covs[key][index][:, index]
-                if key in neuron_keys:  # the largest statistics, each used once: freed early (see pipeline/plan.py)
-                    covs.pop(key)
-                self.whiteners[wkey] = cholesky_whitener(c, what=f"{key} covariance")
-                del c
+                with phase("whitening"):
+                    if key in neuron_keys:  # the largest statistics, used once: freed as early as can be
+                        c = covs.pop(key)
+                        if index is not None:  # one gather of the marginal block (no rows-only copy)
+                            c = c[index[:, None], index]
+                        c = c.double()  # the float32 original is freed here, before the factor exists
+                        self.whiteners[wkey] = cholesky_whitener(c, what=f"{key} covariance", overwrite=True)
+                    else:
+                        c = covs[key] if index is None else covs[key][index[:, None], index]
+                        self.whiteners[wkey] = cholesky_whitener(c, what=f"{key} covariance")
+                    del c
             return self.whiteners[wkey][0]
 
         # per FFN: (prime, marginal) neurons, and the rows of its rows layers that hold each
@@ -111,7 +118,8 @@ class Layout:
             else:
                 w, L = (w[split[2]] if split else w), whitener(key)
             targets[name] = tuple(w.shape)
-            self.spectra[name] = spectrum(w, L, dev, values_only)
+            with phase("spectra"):
+                self.spectra[name] = spectrum(w, L, dev, values_only)
 
         keep = 1.0 - ratio
         # parameters spent whatever the ranks: prime rows/columns and layers kept dense for want of tokens
@@ -122,7 +130,8 @@ class Layout:
             budget = (math.floor(keep * self.dense_params) if budget is None else budget) - self.fixed
             if budget <= 0:
                 raise ValueError(f"ratio {ratio} leaves no room beyond the prime neurons (prime ratio {prime_ratio})")
-            ranks = allocate(self.candidates, budget)
+            with phase("allocation"):
+                ranks = allocate(self.candidates, budget)
         else:
             ranks = {n: uniform_rank(*targets[n], keep) for n in targets}
         self.ranks = {n: (max(r, 1) if r is not None else None) for n, r in ranks.items()}
@@ -134,8 +143,8 @@ class Layout:
         """Layer `name`'s tensors (relative to the block, in `storage_dtype`), spec and dropped
         fraction of its whitened output energy. Without `cov`: the plain fit, on the spectra the
         ranks were chosen on. With `cov` (C of the inputs the compressed model produces) and
-        `cross` (M, against the original model's inputs): the error-compensating fit
-        (method/compensate.py) at the same rank and split."""
+        `cross` ((C + M)/2, M against the original model's inputs: compensate.local_and_cumulative):
+        the error-compensating fit (method/compensate.py) at the same rank and split."""
         w, bias = weights[name + ".weight"], weights.get(name + ".bias")
         rank, split = self.ranks[name], self.splits.get(name)
         prime_cols = None
@@ -144,7 +153,6 @@ class Layout:
         else:
             self.spectra.pop(name, None)
             key = self.family.group_of(name)
-            cross = local_and_cumulative(cov, cross)
             L, damping = cholesky_whitener(cov, what=f"{key} covariance (compensated)")
             if damping:
                 self.damping[key + ":compensated"] = damping
@@ -204,11 +212,13 @@ def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tenso
                    storage_dtype: torch.dtype, budget: int | None = None) -> BlockResult:
     """The plain fit of a whole block: `weights` are the block tensors by name relative to the
     block (linears' `.weight`, biases, norms); see Layout for `covs`, `scores` and `budget`."""
-    layout = Layout(weights, covs, scores, family, method, ratio, prime_ratio, budget)
-    fitted = {}
-    for name in family.linears:
-        fitted[name] = layout.fit(name, weights, storage_dtype)  # frees this layer's basis before the next
-    return layout.result(weights, fitted)
+    with phase("decomposition"):
+        layout = Layout(weights, covs, scores, family, method, ratio, prime_ratio, budget)
+        fitted = {}
+        for name in family.linears:
+            with phase("factors"):
+                fitted[name] = layout.fit(name, weights, storage_dtype)  # frees this layer's basis before the next
+        return layout.result(weights, fitted)
 
 
 def _factored(w: torch.Tensor, sp: Spectrum | None, rank: int | None, prefix: str) -> dict[str, torch.Tensor]:

@@ -26,8 +26,8 @@ def local_and_cumulative(cov: torch.Tensor, cross: torch.Tensor) -> torch.Tensor
     ||X^ W^T - X^ W'^T||^2 + ||X W^T - X^ W'^T||^2 = 2 ||(W' - W*) L||^2 + const with
     W* = W (C + M)/2 C^-1. The cumulative term alone (M) regresses the original outputs on
     inputs that are noisier than the originals, which shrinks them: measured worse than the plain
-    fit on SmolLM2 (docs/BENCHMARKS.md)."""
-    return (cov + cross) * 0.5
+    fit on SmolLM2 (docs/BENCHMARKS.md). Computed in place of `cross` (no n x n copy)."""
+    return cross.add_(cov).mul_(0.5)
 
 
 def least_squares_weight(w: torch.Tensor, cross: torch.Tensor | None, L: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,10 @@ def least_squares_weight(w: torch.Tensor, cross: torch.Tensor | None, L: torch.T
     w = w.to(L.device, torch.float64)
     if cross is None:
         return w
-    wm = w @ cross.to(L.device, torch.float64)  # m x n
+    # W M in float64, M converted a block of columns at a time (not a whole float64 copy of it)
+    wm = torch.empty(w.shape[0], cross.shape[1], dtype=torch.float64, device=L.device)
+    for j in range(0, cross.shape[1], 4096):
+        torch.mm(w, cross[:, j:j + 4096].to(L.device, torch.float64), out=wm[:, j:j + 4096])
     # W M C^-1 = ((C^-1 M^T W^T))^T; C^-1 = L^-T L^-1, two triangular solves on (W M)^T
     y = torch.linalg.solve_triangular(L, wm.T, upper=False)
     return torch.linalg.solve_triangular(L.T, y, upper=True).T
@@ -49,15 +52,16 @@ def prime_columns_fit(w: torch.Tensor, cov: torch.Tensor, prime: torch.Tensor, m
 
     Returns (spectrum of W*_q in the Schur metric, T = C_pp^-1 C_pq (p x q), damping added to S).
     For a rank's factors A, B: D = W*_p + (W*_q - A B) T^T (see `prime_columns`)."""
-    c = cov.to(torch.float64)
-    p, q = prime.to(c.device), marginal.to(c.device)
-    c_pp, c_pq = c[p][:, p], c[p][:, q]
-    Lp, _ = cholesky_whitener(c_pp, what=f"{what} (prime neurons)")
-    k = torch.linalg.solve_triangular(Lp, c_pq, upper=False)  # Lp^-1 C_pq
-    s = c[q][:, q]
+    p, q = prime.to(cov.device), marginal.to(cov.device)
+    # each block gathered at once and then made float64 (no float64 copy of the whole C, no row copies)
+    c_pp = cov[p[:, None], p].double()
+    Lp, _ = cholesky_whitener(c_pp, what=f"{what} (prime neurons)", overwrite=True)
+    del c_pp
+    k = torch.linalg.solve_triangular(Lp, cov[p[:, None], q].double(), upper=False)  # Lp^-1 C_pq
+    s = cov[q[:, None], q].double()
     s.addmm_(k.T, k, alpha=-1.0)  # Schur complement, in place
     t = torch.linalg.solve_triangular(Lp.T, k, upper=True)  # C_pp^-1 C_pq
-    del k, c_pp, c_pq, c
+    del k
     Ls, damping = cholesky_whitener(s, what=f"{what} (marginal neurons given the prime ones)")
     del s
     return spectrum(w[:, q], Ls, Ls.device), t, damping

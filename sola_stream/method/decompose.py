@@ -22,8 +22,9 @@ _DAMPING_STEPS = (0.0, 1e-8, 1e-6, 1e-4, 1e-2, 1e-1, 1.0)
 _MIN_PIVOT = 1e-12  # smallest accepted squared Cholesky pivot, relative to the mean diagonal
 
 
-def cholesky_whitener(cov: torch.Tensor, what: str = "covariance") -> tuple[torch.Tensor, float]:
-    """Lower Cholesky factor L of a (damped if needed) covariance, in float64.
+def cholesky_whitener(cov: torch.Tensor, what: str = "covariance", overwrite: bool = False) -> tuple[torch.Tensor, float]:
+    """Lower Cholesky factor L of a (damped if needed) covariance, in float64. With `overwrite`,
+    a float64 `cov` the caller no longer needs is damped in place instead of copied.
 
     Returns (L, damping) where damping is the absolute value added to the diagonal
     (0.0 when C factored as is). Dead inputs (zero rows) are why C is often singular.
@@ -31,9 +32,12 @@ def cholesky_whitener(cov: torch.Tensor, what: str = "covariance") -> tuple[torc
     # Only the lower triangle is read, so the float32 accumulation's tiny asymmetry is harmless
     # and no symmetrized copy is made; damping is added to the diagonal in place (one n x n
     # float64 matrix plus its factor: the memory floor of this step).
-    if not torch.isfinite(cov).all():
+    # C is a Gram matrix X^T X: a NaN/Inf anywhere in X reaches the diagonal (C_jj = sum x_ij^2) and
+    # |C_jk| <= sqrt(C_jj C_kk) bounds the rest, so the diagonal tells. isfinite of the whole matrix
+    # would allocate a float copy of it (|C|) and three boolean ones: 5 GiB for a 70B FFN's.
+    if not torch.isfinite(cov.diagonal()).all():
         raise ValueError(f"{what}: NaN or Inf values (NaN/Inf in calibration states?)")
-    c = cov.to(torch.float64, copy=True)
+    c = cov if overwrite and cov.dtype == torch.float64 else cov.to(torch.float64, copy=True)
     diag = c.diagonal()
     scale = float(diag.abs().mean()) or 1.0
     added = 0.0

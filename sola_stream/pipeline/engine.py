@@ -23,7 +23,7 @@ from sola_stream.storage.checkpoint import CheckpointReader
 from sola_stream.method.block_compress import BlockResult, compress_block
 from sola_stream.pipeline.cpus import set_threads
 from sola_stream.errors import InputError, OutputError
-from sola_stream.pipeline.memory import PeakMemory, release_free_memory
+from sola_stream.pipeline.memory import PeakMemory, release_free_memory, to_host
 from sola_stream.nn.build import build_block
 from sola_stream.pipeline.overlap import Background, Prefetch
 from sola_stream.pipeline.plan import available_host_memory, make_plan
@@ -34,6 +34,7 @@ from sola_stream.storage.sola_section import FORMAT_VERSION as SECTION_VERSION
 from sola_stream.pipeline.stop import GracefulStop, Interrupted
 from sola_stream.pipeline.skeleton import Skeleton
 from sola_stream.pipeline.paired import compress_compensated
+from sola_stream.phases import phase
 from sola_stream.pipeline.state_cache import StateCache, Streams
 from sola_stream.pipeline.survey import survey
 from sola_stream.pipeline.block_forward import BlockStats, run_block
@@ -130,7 +131,8 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
     plan = make_plan(reader.config_dict, options, device, measure=progress,  # the bar's first ETA
                      budget_host=None if options.max_host_memory else available_host_memory())
     plan.check()
-    options = replace(options, batch_tokens=plan.batch_tokens)
+    options = replace(options, batch_tokens=plan.batch_tokens,
+                      decompose_on="host" if plan.decompose_on_host else "device")
     tokenizer = load_tokenizer(reader.path, skeleton.config)
     text, calib_desc = read_calibration_text(options.calib)
     windows = calibration_windows(tokenize(tokenizer, text, False, TOKENIZE_PIECE_CHARS), options.nsamples,
@@ -256,26 +258,28 @@ def _compress_one(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, 
         commits.wait()  # the previous commit may still be reading the states overwritten here
         x = streams.original if streams.original is not None else cache
         x_out = (x.begin_block(i) if x is not cache else target) if need_outputs else None
-        try:
-            result = compress_compensated(
-                skeleton.meta_block(i), weights, family, (options.method, options.ratio, options.prime_ratio, budget),
-                kwargs, device, batch, x.source, cache.source, x_out, streams.begin_pass, streams.release, storage,
-                lambda t, what: _check_finite(t, f"calibration states in block {i} ({prefix}*), {what}"))
-        except FloatingPointError as exc:
-            raise InputError(f"calibration states in block {i} ({prefix}*): NaN or Inf values: {exc}") from None
-        except ValueError as exc:
-            raise InputError(f"block {i} ({prefix}*): {exc}") from None
+        with phase("compensated fit"):
+            try:
+                result = compress_compensated(
+                    skeleton.meta_block(i), weights, family, (options.method, options.ratio, options.prime_ratio, budget),
+                    kwargs, device, batch, x.source, cache.source, x_out, streams.begin_pass, streams.release, storage,
+                    lambda t, what: _check_finite(t, f"calibration states in block {i} ({prefix}*), {what}"))
+            except FloatingPointError as exc:
+                raise InputError(f"calibration states in block {i} ({prefix}*): NaN or Inf values: {exc}") from None
+            except ValueError as exc:
+                raise InputError(f"block {i} ({prefix}*): {exc}") from None
     else:
         result = _plain(i, weights, skeleton, cache, target, kwargs, options, device, batch, commits, storage, budget)
     if not keep_original and need_outputs:
-        cblock = build_block(skeleton.meta_block(i), result.tensors, result.specs, device, torch.float32)
-        commits.wait()
-        cache.begin_pass()
-        try:
-            run_block(cblock, cache.source, kwargs, device, batch, out=target, release=cache.release)
-        except FloatingPointError as exc:
-            raise InputError(f"calibration states after compressed block {i}: NaN or Inf values: {exc}") from None
-        del cblock
+        with phase("propagation"):
+            cblock = build_block(skeleton.meta_block(i), result.tensors, result.specs, device, torch.float32)
+            commits.wait()
+            cache.begin_pass()
+            try:
+                run_block(cblock, cache.source, kwargs, device, batch, out=target, release=cache.release)
+            except FloatingPointError as exc:
+                raise InputError(f"calibration states after compressed block {i}: NaN or Inf values: {exc}") from None
+            del cblock
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
@@ -288,22 +292,30 @@ def _plain(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: 
     the next block too with --propagate original), then the block's compression."""
     family = skeleton.family
     prefix = family.block_prefix(i)
-    block = build_block(skeleton.meta_block(i), weights, None, device, torch.float32)
+    with phase("weights in"):
+        block = build_block(skeleton.meta_block(i), weights, None, device, torch.float32)
     keep_original = options.propagate == "original"
     stats = BlockStats(block, family, stop_early=not keep_original)
     if keep_original:
         commits.wait()  # the previous commit may still be reading these states
-    try:
-        run_block(block, cache.source, kwargs, device, batch, out=target if keep_original else None,
-                  release=cache.release)
-    except FloatingPointError as exc:
-        raise InputError(f"calibration states in block {i} ({prefix}*): NaN or Inf values: {exc}") from None
+    with phase("statistics"):
+        try:
+            run_block(block, cache.source, kwargs, device, batch, out=target if keep_original else None,
+                      release=cache.release)
+        except FloatingPointError as exc:
+            raise InputError(f"calibration states in block {i} ({prefix}*): NaN or Inf values: {exc}") from None
     stats.remove()
     del block
-    for key, cov in stats.cov.items():  # the statistics pass may stop before the block's output
-        _check_finite(cov, f"calibration states in block {i} ({prefix}*), {key} statistics")
+    # the statistics pass may stop before the block's output; a Gram matrix's diagonal shows any
+    # NaN/Inf (method/decompose.py). No loop variable: it would hold the last (largest)
+    # covariance through the whole decomposition.
+    for key in stats.cov:
+        _check_finite(stats.cov[key].diagonal(), f"calibration states in block {i} ({prefix}*), {key} statistics")
+    covs, scores = stats.cov, stats.neuron_scores()
+    if options.decompose_on == "host":  # the plan found the device too small for them
+        covs, scores = to_host(covs), to_host(scores)
     try:
-        return compress_block(weights, stats.cov, stats.neuron_scores(), family, options.method,
+        return compress_block(weights, covs, scores, family, options.method,
                               options.ratio, options.prime_ratio, storage, budget)
     except ValueError as exc:
         raise InputError(f"block {i} ({prefix}*): {exc}") from None

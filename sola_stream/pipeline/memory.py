@@ -70,3 +70,8 @@ def release_free_memory() -> None:
 
 def gib(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB"
+
+
+def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors moved to the host one by one (each device copy freed before the next moves)."""
+    return {k: tensors.pop(k).cpu() for k in list(tensors)}

@@ -55,6 +55,9 @@ class CompressOptions:
     # not the default yet (docs/BENCHMARKS.md "Quality options")
     allocation: str = "block"
     batch_tokens: int | None = None  # tokens per forward chunk (None: planned from the device budget)
+    # where a block's decompositions run: "device", or "host" when the plan finds the device too
+    # small for them (set by the plan; part of the fingerprint: float64 results differ in the last bits)
+    decompose_on: str = "device"
     max_gpu_memory: float | None = None  # GiB; None: the device's total memory
     max_host_memory: float | None = None  # GiB; None: the host's available memory at the start
     threads: int | None = None  # CPU threads; None: what affinity, cgroup quota and SLURM allow
@@ -77,6 +80,8 @@ class CompressOptions:
             raise InputError(f"--allocation: {self.allocation!r} is not one of {', '.join(ALLOCATIONS)}")
         if self.method != "sola":
             self.allocation = "block"  # the baselines' uniform ranks: nothing to allocate
+        if self.decompose_on not in ("device", "host"):
+            raise InputError(f"decompose_on: {self.decompose_on!r} is not device or host")
         if self.propagate not in PROPAGATE:
             raise InputError(f"--propagate: {self.propagate!r} is not one of {', '.join(PROPAGATE)}")
         check_device(self.device, need_device)
@@ -109,6 +114,8 @@ class CompressOptions:
         for budget in ("max_gpu_memory", "max_host_memory", "threads"):  # they change where, not what
             opts.pop(budget)
         opts["device"] = device.type
+        if self.decompose_on == "device":  # the usual case keeps the fingerprints of earlier versions
+            opts.pop("decompose_on")
         if self.method != "sola":
             opts["prime_ratio"] = 0.0
         return opts

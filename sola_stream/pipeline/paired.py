@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 from sola_stream.method.block_compress import BlockResult, Layout
+from sola_stream.method.compensate import local_and_cumulative
 from sola_stream.nn.build import build_block
 from sola_stream.pipeline.block_forward import BlockStats, StopForward, _to
+from sola_stream.phases import phase
 
 
 class _Take:
@@ -93,35 +95,41 @@ def compress_compensated(meta_block: nn.Module, weights: dict[str, torch.Tensor]
     `x_out`: where the original block's outputs go (None: nowhere); `begin_pass()` before each
     pass over the windows (page release restarts there); `check_finite(t, what)` raises on NaN/Inf."""
     stages = [g for g in family.groups if not (family.experts and g.linears[0].startswith(family.experts.path + "."))]
-    orig = build_block(meta_block, weights, None, device, torch.float32)
-    work = build_block(meta_block, weights, None, device, torch.float32)
+    with phase("weights in"):
+        orig = build_block(meta_block, weights, None, device, torch.float32)
+        work = build_block(meta_block, weights, None, device, torch.float32)
     stats = BlockStats(work, family, stop_early=True)
     last = len(stages) - 1
     begin_pass()
-    _, cross = paired_pass(orig, work, stages[0].linears[0], x, xh, kwargs, device, batch,
-                           x_out=x_out if last == 0 else None, covariance=False, release=release)
+    with phase("statistics"):
+        _, cross = paired_pass(orig, work, stages[0].linears[0], x, xh, kwargs, device, batch,
+                               x_out=x_out if last == 0 else None, covariance=False, release=release)
     stats.remove()
-    for key, cov in stats.cov.items():
-        check_finite(cov, f"{key} statistics")
+    for key in stats.cov:  # Gram matrices: the diagonal shows any NaN/Inf (method/decompose.py)
+        check_finite(stats.cov[key].diagonal(), f"{key} statistics")
     cov = stats.cov[stages[0].key].clone()
     layout = Layout(weights, stats.cov, stats.neuron_scores(), family, *layout_args)
     del stats, work
     staged = {n for g in stages for n in g.linears}
-    fitted = {n: layout.fit(n, weights, storage) for n in family.linears if n not in staged}  # experts: plain
+    with phase("factors"):
+        fitted = {n: layout.fit(n, weights, storage) for n in family.linears if n not in staged}  # experts: plain
     for s, group in enumerate(stages):
         if s:
-            work = _partial(meta_block, weights, fitted, device)
-            begin_pass()
-            cov, cross = paired_pass(orig, work, group.linears[0], x, xh, kwargs, device, batch,
-                                     x_out=x_out if s == last else None, release=release)
-            del work
+            with phase("paired statistics"):
+                work = _partial(meta_block, weights, fitted, device)
+                begin_pass()
+                cov, cross = paired_pass(orig, work, group.linears[0], x, xh, kwargs, device, batch,
+                                         x_out=x_out if s == last else None, release=release)
+                del work
             split = layout.splits.get(group.linears[0])
             if split and split[0] == "in":  # the split rows layers hand their neurons over prime first
                 back = torch.argsort(torch.cat([split[1], split[2]])).to(cov.device)
-                cov, cross = cov[back][:, back], cross[:, back]
-        check_finite(cov, f"{group.key} statistics (compensated)")
+                cov, cross = cov[back[:, None], back], cross[:, back]
+        check_finite(cov.diagonal(), f"{group.key} statistics (compensated)")
+        cross = local_and_cumulative(cov, cross)  # once per group, in place
         for name in group.linears:
-            fitted[name] = layout.fit(name, weights, storage, cov=cov, cross=cross)
+            with phase("factors"):
+                fitted[name] = layout.fit(name, weights, storage, cov=cov, cross=cross)
         del cov, cross
     return layout.result(weights, fitted)
 

@@ -24,6 +24,10 @@ from sola_stream.families import family_for_dict, meta_model, transformers_confi
 GIB = 2**30
 RUNTIME_HOST = int(0.5 * GIB)  # torch, transformers, tokenizer, skeleton: measured 0.42 GiB peak on a tiny model
 CUDA_CONTEXT = int(0.5 * GIB)  # CUDA context and kernels, outside torch's allocator
+# PyTorch's defaults: CUBLAS_WORKSPACE_CONFIG :4096:2:16:8 for cuBLAS, plus 32 MiB for cuBLASLt on
+# sm90 (aten/src/ATen/cuda/CUDABlas.cpp); allocated once, kept
+CUBLAS_WORKSPACES = 4096 * 1024 * 2 + 16 * 1024 * 8 + 32 * 2**20
+GPU_FIXED = CUDA_CONTEXT + CUBLAS_WORKSPACES
 DEFAULT_BATCH_TOKENS = {"cpu": 1024, "cuda": 16384}  # CPU: small chunks stay in cache (measured)
 
 
@@ -49,6 +53,8 @@ class Shapes:
     group_widths: tuple[int, ...]  # input width of each input group: one covariance each
     layers: tuple[tuple[int, int, str, int], ...]  # (out, in, "rows" | "cols" | "", FFN index) per linear layer
     ffns: tuple[tuple[int, int], ...] = ()  # (neurons, chunks) of each FFN (each expert is one)
+    layer_groups: tuple[int, ...] = ()  # input group (index into group_widths) of each linear layer
+    neuron_inputs: tuple[int, ...] = ()  # input group of each FFN's neuron activations
 
     @classmethod
     def from_config(cls, cfg: dict, where: str = "config.json") -> "Shapes":
@@ -78,7 +84,10 @@ class Shapes:
                    group_widths=tuple(linears[g.linears[0]].in_features for g in family.groups),
                    layers=tuple((m.out_features, m.in_features, *reversed(ffn_of.get(n, (-1, ""))))
                                 for n, m in linears.items()),
-                   ffns=tuple((block.get_submodule(g.cols).in_features, g.chunks) for g in family.neuron_groups))
+                   ffns=tuple((block.get_submodule(g.cols).in_features, g.chunks) for g in family.neuron_groups),
+                   layer_groups=tuple(next(k for k, g in enumerate(family.groups) if n in g.linears) for n in linears),
+                   neuron_inputs=tuple(next(k for k, g in enumerate(family.groups) if n.cols in g.linears)
+                                       for n in family.neuron_groups))
 
     def factored_dims(self, marginal: list[int]) -> list[tuple[int, int]]:
         """Shapes of the matrices decomposed when marginal[k] neurons of FFN k are factored (the
@@ -107,10 +116,11 @@ class Plan:
     flops_per_block: float
     seconds_per_block: float | None = None
     problems: list[str] = field(default_factory=list)
+    decompose_on_host: bool = False  # the device cannot hold a block's decompositions: they run on the host
 
     @property
     def peak_device(self) -> int:
-        return max(v for k, v in self.device_parts.items() if k.startswith("peak "))
+        return _peak(self.device_parts, self.decompose_on_host)
 
     @property
     def peak_host(self) -> int:
@@ -123,6 +133,9 @@ class Plan:
     def describe(self) -> str:
         lines = [f"device {self.device}, chunk {self.batch_tokens} tokens, calibration cache "
                  f"{_g(self.states_bytes)} {'spilled to disk (memory-mapped)' if self.spill else 'in host RAM'}"]
+        if self.decompose_on_host:
+            lines.append("decompositions on the host: the GPU budget cannot hold them "
+                         f"({_g(self.device_parts['peak decomposition'])} needed)")
         if self.device == "cuda":
             lines.append(f"GPU memory (peak {_g(self.peak_device)}, budget {_g(self.budget_device)}):")
             lines += [f"  {k:<40} {_g(v)}" for k, v in self.device_parts.items()]
@@ -141,7 +154,7 @@ class Plan:
                 "peak_host_bytes": self.peak_host, "disk_bytes": sum(self.disk_parts.values()),
                 "device_parts": self.device_parts, "host_parts": self.host_parts, "disk_parts": self.disk_parts,
                 "flops_per_block": self.flops_per_block, "seconds_per_block": self.seconds_per_block,
-                "problems": self.problems}
+                "decompose_on_host": self.decompose_on_host, "problems": self.problems}
 
 
 def _g(n: int | None) -> str:
@@ -153,16 +166,20 @@ def _fit(options) -> str:
 
 
 def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens: int, cpu: bool,
-                 fit: str = "plain") -> dict[str, int]:
+                 fit: str = "plain", survey: bool = False) -> dict[str, int]:
     """Bytes on the compute device for each step of one block (float32 compute, float64 math).
     The compensating fit holds two blocks (the original and the one being compressed), the input
-    of one layer per stream and a cross-covariance beside each covariance."""
+    of one layer per stream and a cross-covariance beside each covariance. GPU terms are checked
+    against tools/simulate_device_memory.py (the engine's code on a fake device)."""
     h, i = s.hidden, s.neurons
     block = 4 * s.block_params * (2 if fit == "compensate" else 1)
-    # live floats per token in a block forward: chunk in/out and residual, the FFN's gate, up,
-    # act, product and the score hook's |a|; attention q/k/v with rotary copies; CPU sdpa also
-    # materializes the heads x seqlen scores of each window
-    ffn = 3 * h + 5 * i
+    # live floats per token in a block forward, at its widest point (the FFN's output projection):
+    # the chunk in, the residual and the normed input (3h), the up projection, the activated gate
+    # and their product (3i; the GPU's caching allocator reuses the gate's block at once, as the
+    # simulation shows; the host heap keeps more: gate and the score hook's |a| counted, 5i);
+    # attention: q/k/v with rotary copies and the heads' output (CPU sdpa also materializes the
+    # heads x seqlen scores of each window; CUDA's memory-efficient kernel does not)
+    ffn = 3 * h + (5 if cpu else 3) * i
     att = 3 * h + 2 * s.qkv_out + s.attn + (s.heads * seqlen if cpu else 0)
     acts = 4 * tokens * max(ffn, att)
     squares = sum(w * w for w in s.group_widths)
@@ -171,17 +188,82 @@ def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens
         widest = max(s.group_widths)
         acts += 2 * 4 * tokens * widest
         covs += 2 * 4 * widest * widest
+    decomposition = decomposition_peak(s, method, prime_ratio) + (covs - 4 * squares)
+    if fit == "compensate":  # pipeline/paired.py: the layout's factors and bases stay while each input
+        # group is refitted next to the original block (and, in its paired pass, a working block):
+        # the widest group's C and (C + M)/2 in float32, C's float64 copy and factor, and W M
+        # (method/compensate.py). A bound, not a replay (docs/MEMORY.md gives the simulated figures)
+        w = max(s.group_widths)
+        kept = decomposition_peak(s, method, prime_ratio, kept=True)
+        decomposition = max(decomposition, block // 2 + kept + 24 * w * w + 8 * h * w,
+                            block + kept + 8 * w * w + acts + 2 * 4 * tokens * h)  # both streams' chunks
+    # small tensors: the blocks' keyword arguments (rotary tables, a causal mask where one is built:
+    # bools, and CUDA's float copy of it inside attention); neuron scores and index vectors
+    small = 8 * seqlen * (s.attn // s.heads) + 5 * seqlen * seqlen + 32 * s.neurons
+    rank = 4 * tokens * h  # propagation: a factored layer's rank-k intermediate (k < hidden)
+    terms = {"block (float32)": block, "activations (one chunk)": acts, "covariances (float32)": covs,
+             "decomposition (float64, covariances included)": decomposition,
+             "small tensors (rotary tables, masks, indices)": small,
+             "peak statistics pass": block + acts + covs + small,
+             "peak decomposition": decomposition + small,
+             "peak propagation": block + acts + rank + small}
+    if survey:  # pipeline/survey.py: a whole forward (its output and the update's norm: one chunk more);
+        # its spectra (values only) need less than the decomposition
+        terms["peak survey"] = block + acts + covs + small + 4 * tokens * h
+    return terms
+
+
+def _eigh_workspace(n: int, vectors: bool = True) -> int:
+    """LAPACK dsyevd's minimum workspace (LWORK doubles, LIWORK ints); cuSOLVER documents none."""
+    return 8 * (1 + 6 * n + 2 * n * n) + 4 * (3 + 5 * n) if vectors else 8 * (2 * n + 1)
+
+
+def _potrf_workspace(n: int) -> int:
+    return 8 * 256 * n  # a 256-column panel (tools/simulate_device_memory.py WORKSPACES)
+
+
+def decomposition_peak(s: Shapes, method: str, prime_ratio: float, values_only: bool = False,
+                       kept: bool = False) -> int:
+    """Peak bytes of one block's decomposition (method/block_compress.py), its allocations replayed
+    in order: the float32 covariances; each input group's float64 Cholesky factor (a neuron
+    group's covariance is freed as its marginal block is gathered and converted in place); each
+    layer's spectrum (its whitened weight, Gram, eigh workspace and flipped basis; the basis is
+    kept); then the factors of one layer at the largest useful rank on top of everything kept.
+    `kept`: the bytes kept once every spectrum is made (the factors and bases) instead."""
     ms = marginal_neurons(s, method, prime_ratio)
-    m = max(ms)
-    # float64 C and L (the FFNs' neuron covariances restricted to marginal neurons), kept L's
-    whiten = 0 if method == "svd" else 8 * (2 * sum(x * x for x in ms) + squares - sum(n * n for n, _ in s.ffns))
-    bases = 8 * sum(min(out, inp) ** 2 for out, inp in s.factored_dims(ms))
-    transient = 8 * (2 * h * m + 2 * min(h, m) ** 2)  # W L, its Gram and eigh's workspace (largest FFN)
-    return {"block (float32)": block, "activations (one chunk)": acts, "covariances (float32)": covs,
-            "decomposition (float64)": whiten + bases + transient,
-            "peak statistics pass": block + acts + covs,
-            "peak decomposition": covs + whiten + bases + transient,
-            "peak propagation": block + acts}
+    neuron_of = {g: k for k, g in enumerate(s.neuron_inputs)}
+    alive = peak = 4 * sum(w * w for w in s.group_widths)
+    whitened: set[int] = set()
+    dims = s.factored_dims(ms)
+    for (out, inp, role, k), g, (m, n) in zip(s.layers, s.layer_groups, dims):
+        if method != "svd" and g not in whitened:
+            whitened.add(g)
+            w = s.group_widths[g]
+            if g in neuron_of:  # popped, the marginal block gathered (float32), converted, factored
+                c = n if role == "cols" else w
+                peak = max(peak, alive + (4 * c * c if c < w else 0))
+                alive -= 4 * w * w
+                peak = max(peak, alive + 12 * c * c, alive + 16 * c * c + _potrf_workspace(c))
+                alive += 8 * c * c
+            else:  # copied to float64, factored; the copy is freed
+                peak = max(peak, alive + 16 * w * w + _potrf_workspace(w))
+                alive += 8 * w * w
+        lo, mn = min(m, n), m * n
+        weight = (2 if method != "svd" else 1) * 8 * mn  # W in float64, then W L
+        eigh = 8 * lo * lo + (_eigh_workspace(lo, False) if values_only else 8 * lo * lo + _eigh_workspace(lo))
+        flip = 0 if values_only else 3 * 8 * lo * lo
+        peak = max(peak, alive + weight, alive + 8 * (mn + lo * lo), alive + eigh, alive + flip)
+        alive += 0 if values_only else 8 * lo * lo
+    if kept:
+        return alive
+    if values_only:
+        return peak
+    for m, n in dims:  # the factors, layer by layer, at the largest useful rank; each basis then freed
+        k = max(1, (m * n - 1) // (m + n))
+        # W in float64 and W L (or U^T W), then A (m x k) and B (k x n) with B's transposed copy
+        peak = max(peak, alive + 8 * max(2 * m * n + m * k, m * n + m * k + 2 * n * k))
+        alive -= 8 * min(m, n) ** 2
+    return peak
 
 
 def marginal_neurons(s: Shapes, method: str, prime_ratio: float) -> list[int]:
@@ -204,18 +286,31 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     states = streams * 4 * options.nsamples * options.seqlen * s.hidden
     problems: list[str] = []
 
+    survey = getattr(options, "allocation", "block") == "global" and options.method == "sola"
+
+    def terms(tokens: int) -> dict[str, int]:
+        windows = min(max(1, tokens // options.seqlen), options.nsamples)  # a chunk holds whole windows
+        return device_terms(s, options.method, options.prime_ratio, options.seqlen, windows * options.seqlen, cpu,
+                            _fit(options), survey)
+
+    fixed = 0 if cpu else GPU_FIXED
     tokens = options.batch_tokens or DEFAULT_BATCH_TOKENS["cpu" if cpu else "cuda"]
-    dev = device_terms(s, options.method, options.prime_ratio, options.seqlen, tokens, cpu, _fit(options))
+    dev = terms(tokens)
+    # a block's decompositions need the same memory whatever the chunk: when the device cannot hold
+    # them they run on the host (the plain fit; the compensating fit keeps them on the device)
+    host_decomp = (not cpu and budget_device is not None and _fit(options) == "plain"
+                   and dev["peak decomposition"] + fixed > budget_device)
     if not cpu and budget_device is not None and options.batch_tokens is None:
         # largest power-of-two chunk (at least one window) that fits the device budget
-        while tokens > options.seqlen and _peak(dev) + CUDA_CONTEXT > budget_device:
+        while tokens > options.seqlen and _peak(dev, host_decomp) + fixed > budget_device:
             tokens //= 2
-            dev = device_terms(s, options.method, options.prime_ratio, options.seqlen, tokens, cpu, _fit(options))
+            dev = terms(tokens)
     tokens = max(tokens, options.seqlen)
-    dev = device_terms(s, options.method, options.prime_ratio, options.seqlen, tokens, cpu, _fit(options))
-    if not cpu and budget_device is not None and _peak(dev) + CUDA_CONTEXT > budget_device:
-        problems.append(f"peak GPU memory {_g(_peak(dev) + CUDA_CONTEXT)} exceeds the budget {_g(budget_device)} "
-                        "even with one window per chunk")
+    dev = terms(tokens)
+    if not cpu and budget_device is not None and _peak(dev, host_decomp) + fixed > budget_device:
+        problems.append(f"peak GPU memory {_g(_peak(dev, host_decomp) + fixed)} exceeds the budget "
+                        f"{_g(budget_device)} even with one window per chunk"
+                        + (" and the decompositions on the host" if host_decomp else ""))
 
     weights = s.storage_bytes * s.block_params
     host = {"runtime (torch, transformers)": RUNTIME_HOST,
@@ -224,6 +319,8 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
             "compressed block being written": weights}
     if cpu:
         host["compute (block, chunk, statistics)"] = _peak(dev)
+    elif host_decomp:
+        host["decompositions (float64, on the host)"] = dev["peak decomposition"]
     chunk = 4 * tokens * s.hidden
     if getattr(options, "allocation", "block") == "global" and options.method == "sola":
         host["survey (a block's update, one chunk)"] = chunk  # pipeline/survey.py
@@ -236,8 +333,9 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
         problems.append(f"peak host memory {_g(sum(host.values()))} exceeds the budget {_g(budget_host)} "
                         "even with the calibration cache on disk")
     if not cpu:
-        dev = {k: (v + CUDA_CONTEXT if k.startswith("peak ") else v) for k, v in dev.items()}
+        dev = {k: (v + fixed if k.startswith("peak ") else v) for k, v in dev.items()}
         dev["CUDA context"] = CUDA_CONTEXT
+        dev["cuBLAS workspaces"] = CUBLAS_WORKSPACES
 
     out_block = int(weights * (1 - options.ratio)) + s.storage_bytes * 4 * s.hidden
     disk = {"output shards": s.blocks * out_block + s.storage_bytes * s.outer_params,
@@ -258,14 +356,15 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
         flops += forward + covariances + decompositions  # the survey pass (pipeline/survey.py)
     plan = Plan(device=device.type, batch_tokens=tokens, spill=spill, states_bytes=states, device_parts=dev,
                 host_parts=host, disk_parts=disk, budget_device=budget_device, budget_host=budget_host,
-                flops_per_block=float(flops), problems=problems)
+                flops_per_block=float(flops), problems=problems, decompose_on_host=host_decomp)
     if measure:
         plan.seconds_per_block = flops / matmul_throughput(device)
     return plan
 
 
-def _peak(dev: dict[str, int]) -> int:
-    return max(v for k, v in dev.items() if k.startswith("peak "))
+def _peak(dev: dict[str, int], without_decomposition: bool = False) -> int:
+    return max(v for k, v in dev.items()
+               if k.startswith("peak ") and not (without_decomposition and k == "peak decomposition"))
 
 
 def matmul_throughput(device: torch.device, n: int = 2048, seconds: float = 0.5) -> float:

@@ -27,6 +27,8 @@ from sola_stream.method.allocate import Candidate, allocate, factored_params
 from sola_stream.method.block_compress import Layout
 from sola_stream.nn.build import build_block
 from sola_stream.pipeline.block_forward import BlockStats, _to
+from sola_stream.pipeline.memory import to_host
+from sola_stream.phases import phase
 
 
 @dataclass
@@ -61,16 +63,19 @@ def survey(skeleton, states: torch.Tensor, kwargs: dict[int, dict], options, dev
     fixed, dense = [0] * n, [0] * n
     for i in tqdm(range(n), desc="survey", unit="block", disable=not progress):
         weights = skeleton.reader.tensors(family.block_prefix(i))
-        block = build_block(skeleton.meta_block(i), weights, None, device, torch.float32)
-        stats = BlockStats(block, family)
-        if begin_pass is not None:
-            begin_pass()
-        update = _propagate(block, states, kwargs[i], device, batch, release)
-        stats.remove()
-        del block
-        # ranks for ratio 0 are computed and ignored: only the spectra and the split are used
-        layout = Layout(weights, stats.cov, stats.neuron_scores(), family, options.method, 0.0, options.prime_ratio,
-                        values_only=True)
+        with phase("survey"):
+            block = build_block(skeleton.meta_block(i), weights, None, device, torch.float32)
+            stats = BlockStats(block, family)
+            if begin_pass is not None:
+                begin_pass()
+            update = _propagate(block, states, kwargs[i], device, batch, release)
+            stats.remove()
+            del block
+            covs, scores = stats.cov, stats.neuron_scores()
+            if getattr(options, "decompose_on", "device") == "host":  # the plan found the device too small
+                covs, scores = to_host(covs), to_host(scores)
+            # ranks for ratio 0 are computed and ignored: only the spectra and the split are used
+            layout = Layout(weights, covs, scores, family, options.method, 0.0, options.prime_ratio, values_only=True)
         fixed[i], dense[i] = layout.fixed, layout.dense_params
         for c in layout.candidates:  # relative error of a layer, restated relative to the residual stream
             candidates.append(Candidate(f"{i}:{c.name}", c.m, c.n, c.energy.cpu(), update))
