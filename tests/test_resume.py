@@ -121,10 +121,13 @@ def test_sigterm_stops_at_safe_point_and_resumes(model4, reference, tmp_path):
     # the run log tells the story: start, blocks, stop, resume (verified), the rest, done
     log = read_log(out)
     events = [(e["event"], e.get("block", e.get("after_block"))) for e in log]
-    assert events == ([("start", 0)] + [("block", i) for i in range(done)] + [("stopped", done - 1),
+    assert events == ([("start", 0), ("survey", None)] + [("block", i) for i in range(done)] + [("stopped", done - 1),
                       ("start", done), ("verified", None)] + [("block", i) for i in range(done, 4)] + [("done", None)])
-    block = next(e for e in log if e["event"] == "block")
-    assert block["seconds"] > 0 and block["peak_host_rss_bytes"] > 2**20 and 0 < block["kept_fraction"] < 1
+    blocks = [e for e in log if e["event"] == "block"]
+    block = blocks[0]
+    assert block["seconds"] > 0 and block["peak_host_rss_bytes"] > 2**20
+    # the model-wide allocation may keep a block dense; the model as a whole is compressed
+    assert all(0 < e["kept_fraction"] <= 1 for e in blocks) and min(e["kept_fraction"] for e in blocks) < 1
     assert set(block["layers"]) == set(block["whitened_error"]) and "mlp.down_proj" in block["layers"]
 
 

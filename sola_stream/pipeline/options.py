@@ -51,9 +51,9 @@ class CompressOptions:
     device: str = "auto"
     propagate: str = "compressed"
     fit: str = "plain"  # or "compensate" (opt-in: measured no gain on top of the other options)
-    # per block at the block's ratio, or model-wide (a survey pass first; sola only): better quality,
-    # not the default yet (docs/BENCHMARKS.md "Quality options")
-    allocation: str = "block"
+    # model-wide (a survey pass first; sola only) or per block at the block's ratio: model-wide is
+    # measured better at every ratio on SmolLM2, for 1.7x the time (docs/BENCHMARKS.md "Quality options")
+    allocation: str = "global"
     batch_tokens: int | None = None  # tokens per forward chunk (None: planned from the device budget)
     # where a block's decompositions run: "device", or "host" when the plan finds the device too
     # small for them (set by the plan; part of the fingerprint: float64 results differ in the last bits)
