@@ -28,6 +28,7 @@ from sola_stream.nn.build import build_block
 from sola_stream.pipeline.overlap import Background, Prefetch
 from sola_stream.pipeline.plan import available_host_memory, make_plan
 from sola_stream.pipeline.options import CompressOptions
+from sola_stream.storage.input_checks import check_finite_tensors
 from sola_stream.storage.runlog import RunLog
 from sola_stream.pipeline.resume import RunDir, fingerprint
 from sola_stream.storage.sola_section import FORMAT_VERSION as SECTION_VERSION
@@ -249,7 +250,7 @@ def _compress_one(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, 
     caches' targets (in RAM the same tensors, overwritten chunk by chunk)."""
     family = skeleton.family
     prefix = family.block_prefix(i)
-    _check_finite_weights(weights, skeleton.reader, prefix)
+    check_finite_tensors(weights, skeleton.reader, prefix)
     storage = weights[family.linears[0] + ".weight"].dtype
     cache = streams.main
     keep_original = options.propagate == "original"
@@ -339,7 +340,7 @@ def _budgets(skeleton: Skeleton, states: torch.Tensor, kwargs: dict, options: Co
                 shared["survey"] = found
         budgets = found.budgets(options.ratio)
     except FloatingPointError as exc:
-        raise InputError(f"calibration states in the survey pass: NaN or Inf values: {exc}") from None
+        raise InputError(f"calibration states in the survey pass, {exc}: NaN or Inf values") from None
     except ValueError as exc:
         raise InputError(f"--allocation global: {exc}") from None
     log.write("survey", seconds=seconds, shared=reused, budgets=budgets)
@@ -403,8 +404,3 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
     if not torch.isfinite(t).all():
         raise InputError(f"{what}: NaN or Inf values")
 
-
-def _check_finite_weights(weights: dict[str, torch.Tensor], reader: CheckpointReader, prefix: str) -> None:
-    for name, t in weights.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise InputError(f"{reader.path / reader.weight_map[prefix + name]}: tensor {prefix + name!r} has NaN or Inf")

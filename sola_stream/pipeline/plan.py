@@ -1,9 +1,10 @@
 """Resource plan of a compression run, from config.json and the options alone (no weights read).
 
 The model below mirrors what the engine allocates (docs/MEMORY.md explains each term):
-- device memory: the block in float32, one chunk of activations, the four covariances, and the
-  float64 decomposition workspace (Cholesky of the largest covariance, the kept whitening
-  factors and spectra bases);
+- device memory, per step of a block: the statistics pass (the block in float32, one chunk of
+  activations, the covariances), the decompositions (replayed allocation by allocation:
+  `decomposition_peak`; on the host instead when the device cannot hold them) and the
+  propagation; checked against tools/simulate_device_memory.py;
 - host memory: the runtime, the embeddings/head in float32, two blocks of weights in their storage
   dtype (current + prefetched), the compressed block being written, and the calibration cache
   (in RAM, or about two chunks when spilled to disk); on a CPU run the device terms are host too;
@@ -229,7 +230,8 @@ def decomposition_peak(s: Shapes, method: str, prime_ratio: float, values_only: 
     group's covariance is freed as its marginal block is gathered and converted in place); each
     layer's spectrum (its whitened weight, Gram, eigh workspace and flipped basis; the basis is
     kept); then the factors of one layer at the largest useful rank on top of everything kept.
-    `kept`: the bytes kept once every spectrum is made (the factors and bases) instead."""
+    `kept`: instead, the bytes still held once every spectrum is made (the covariances not yet
+    freed, the whitening factors and the bases)."""
     ms = marginal_neurons(s, method, prime_ratio)
     neuron_of = {g: k for k, g in enumerate(s.neuron_inputs)}
     alive = peak = 4 * sum(w * w for w in s.group_widths)

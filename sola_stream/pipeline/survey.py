@@ -18,6 +18,7 @@ the per-block one (docs/BENCHMARKS.md).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ from sola_stream.method.block_compress import Layout
 from sola_stream.nn.build import build_block
 from sola_stream.pipeline.block_forward import BlockStats, _to
 from sola_stream.pipeline.memory import to_host
+from sola_stream.storage.input_checks import check_finite_tensors
 from sola_stream.phases import phase
 
 
@@ -62,8 +64,10 @@ def survey(skeleton, states: torch.Tensor, kwargs: dict[int, dict], options, dev
     candidates: list[Candidate] = []
     fixed, dense = [0] * n, [0] * n
     for i in tqdm(range(n), desc="survey", unit="block", disable=not progress):
-        weights = skeleton.reader.tensors(family.block_prefix(i))
-        with phase("survey"):
+        prefix = family.block_prefix(i)
+        weights = skeleton.reader.tensors(prefix)
+        check_finite_tensors(weights, skeleton.reader, prefix)
+        with phase("survey"), _naming(i, prefix):
             block = build_block(skeleton.meta_block(i), weights, None, device, torch.float32)
             stats = BlockStats(block, family)
             if begin_pass is not None:
@@ -81,6 +85,17 @@ def survey(skeleton, states: torch.Tensor, kwargs: dict[int, dict], options, dev
             candidates.append(Candidate(f"{i}:{c.name}", c.m, c.n, c.energy.cpu(), update))
         del layout, stats, weights
     return Survey(candidates, fixed, dense)
+
+@contextmanager
+def _naming(i: int, prefix: str):
+    """Errors of block i's survey say which block (as the compressing pass's do)."""
+    try:
+        yield
+    except FloatingPointError as exc:
+        raise FloatingPointError(f"block {i} ({prefix}*): {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"block {i} ({prefix}*): {exc}") from None
+
 
 def _propagate(block, states: torch.Tensor, kwargs: dict, device, batch: int, release) -> float:
     """Run `states` through `block` in place; returns the mean over tokens of the block's relative

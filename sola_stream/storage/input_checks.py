@@ -68,3 +68,13 @@ def check_tensors(expected: dict[str, tuple[int, ...]], actual: dict[str, tuple[
         if tuple(actual[name]) != tuple(expected[name]):
             raise InputError(f"{where}: tensor {prefix + name!r} has shape {tuple(actual[name])}, config.json "
                              f"implies {tuple(expected[name])}")
+
+
+def check_finite_tensors(tensors: dict, reader, prefix: str) -> None:
+    """A block's floating-point tensors (names relative to `prefix`) hold no NaN/Inf; InputError
+    naming the shard and the tensor otherwise."""
+    import torch
+
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise InputError(f"{reader.path / reader.weight_map[prefix + name]}: tensor {prefix + name!r} has NaN or Inf")
