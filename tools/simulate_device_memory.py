@@ -49,7 +49,8 @@ from sola_stream.pipeline import engine
 from sola_stream.pipeline.options import CompressOptions
 from sola_stream.pipeline.overlap import Background
 from sola_stream.phases import listening
-from sola_stream.pipeline.plan import CUBLAS_WORKSPACES, CUDA_CONTEXT, GIB, make_plan
+from sola_stream.pipeline.plan import (CUBLAS_WORKSPACES, CUDA_CONTEXT, GIB, eigh_workspace, make_plan,
+                                       potrf_workspace)
 from sola_stream.pipeline.skeleton import Skeleton
 from sola_stream.pipeline.state_cache import Streams
 from sola_stream.pipeline.survey import survey
@@ -72,10 +73,9 @@ def _fake_gpu() -> torch.device:
 GPU = _fake_gpu()
 
 # Memory the fake tensors do not show, with where each size comes from (the planner's constants).
-CUBLAS = CUBLAS_WORKSPACES
 WORKSPACES = {
     "CUDA context": (CUDA_CONTEXT, "outside torch's allocator; the planner's constant (sola_stream/pipeline/plan.py)"),
-    "cuBLAS workspaces": (CUBLAS, "PyTorch's defaults: CUBLAS_WORKSPACE_CONFIG :4096:2:16:8 (8.125 MiB) for "
+    "cuBLAS workspaces": (CUBLAS_WORKSPACES, "PyTorch's defaults: CUBLAS_WORKSPACE_CONFIG :4096:2:16:8 (8.125 MiB) for "
                                   "cuBLAS, plus the 32 MiB cuBLASLt workspace on sm90 (aten/src/ATen/cuda/CUDABlas.cpp)"),
     "eigh": (None, "LAPACK dsyevd minimum LWORK = 1 + 6n + 2n^2 doubles, LIWORK = 3 + 5n ints (jobz V); "
                    "2n + 1 doubles for values only (cuSOLVER documents no formula, only *_bufferSize)"),
@@ -88,11 +88,10 @@ def solver_workspace(func, args, kwargs) -> int:
     """Bytes a solver call holds beside its inputs and outputs (WORKSPACES)."""
     a = args[0]
     if func in (aten._linalg_eigh.default, aten.linalg_eigh.default):
-        n, size = a.shape[-1], a.element_size()
         vectors = kwargs.get("compute_v", args[2] if len(args) > 2 else True)
-        return size * (1 + 6 * n + 2 * n * n) + 4 * (3 + 5 * n) if vectors else size * (2 * n + 1)
+        return eigh_workspace(a.shape[-1], vectors, a.element_size())
     if func is aten.linalg_cholesky_ex.default:
-        return a.element_size() * 256 * a.shape[-1]
+        return potrf_workspace(a.shape[-1], a.element_size())
     return 0
 
 
@@ -105,7 +104,8 @@ class FakeCheckpoint:
         self.config_dict = cfg
         family = family_for_dict(cfg, where)
         model = meta_model(transformers_config(cfg, where), where)
-        dtype = getattr(torch, cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
+        dtype = getattr(torch, str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"), None)
+        dtype = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16  # as the plan reads it
         head = family.head_path + ".weight"
         tied = cfg.get("tie_word_embeddings", False)
         self._shapes = {n: tuple(t.shape) for n, t in model.state_dict().items() if not (tied and n == head)}
@@ -288,7 +288,7 @@ def simulate(cfg: dict, options: CompressOptions, gpu_cap_gib: float, blocks: in
             streams.take_target(i + 1)
         used_cublas = tracker.cublas_used
         phases = dict(tracker.peaks)
-    fixed = CUDA_CONTEXT + (CUBLAS if used_cublas else 0)
+    fixed = CUDA_CONTEXT + (CUBLAS_WORKSPACES if used_cublas else 0)
     phases = {k: v + fixed for k, v in phases.items()}
     plan_phases = {k: v for k, v in plan.device_parts.items() if k.startswith("peak ")}
     return {"config": where, "blocks": blocks, "nsamples": options.nsamples, "seqlen": options.seqlen,

@@ -214,13 +214,14 @@ def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens
     return terms
 
 
-def _eigh_workspace(n: int, vectors: bool = True) -> int:
-    """LAPACK dsyevd's minimum workspace (LWORK doubles, LIWORK ints); cuSOLVER documents none."""
-    return 8 * (1 + 6 * n + 2 * n * n) + 4 * (3 + 5 * n) if vectors else 8 * (2 * n + 1)
+def eigh_workspace(n: int, vectors: bool = True, itemsize: int = 8) -> int:
+    """LAPACK dsyevd's minimum workspace (LWORK elements, LIWORK ints); cuSOLVER documents none."""
+    return itemsize * (1 + 6 * n + 2 * n * n) + 4 * (3 + 5 * n) if vectors else itemsize * (2 * n + 1)
 
 
-def _potrf_workspace(n: int) -> int:
-    return 8 * 256 * n  # a 256-column panel (tools/simulate_device_memory.py WORKSPACES)
+def potrf_workspace(n: int, itemsize: int = 8) -> int:
+    """A 256-column panel: an assumption (LAPACK dpotrf needs none; cuSOLVER documents no size)."""
+    return itemsize * 256 * n
 
 
 def decomposition_peak(s: Shapes, method: str, prime_ratio: float, values_only: bool = False,
@@ -245,14 +246,14 @@ def decomposition_peak(s: Shapes, method: str, prime_ratio: float, values_only: 
                 c = n if role == "cols" else w
                 peak = max(peak, alive + (4 * c * c if c < w else 0))
                 alive -= 4 * w * w
-                peak = max(peak, alive + 12 * c * c, alive + 16 * c * c + _potrf_workspace(c))
+                peak = max(peak, alive + 12 * c * c, alive + 16 * c * c + potrf_workspace(c))
                 alive += 8 * c * c
             else:  # copied to float64, factored; the copy is freed
-                peak = max(peak, alive + 16 * w * w + _potrf_workspace(w))
+                peak = max(peak, alive + 16 * w * w + potrf_workspace(w))
                 alive += 8 * w * w
         lo, mn = min(m, n), m * n
         weight = (2 if method != "svd" else 1) * 8 * mn  # W in float64, then W L
-        eigh = 8 * lo * lo + (_eigh_workspace(lo, False) if values_only else 8 * lo * lo + _eigh_workspace(lo))
+        eigh = 8 * lo * lo + (eigh_workspace(lo, False) if values_only else 8 * lo * lo + eigh_workspace(lo))
         flip = 0 if values_only else 3 * 8 * lo * lo
         peak = max(peak, alive + weight, alive + 8 * (mn + lo * lo), alive + eigh, alive + flip)
         alive += 0 if values_only else 8 * lo * lo
