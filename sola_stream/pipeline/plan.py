@@ -325,7 +325,7 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     elif host_decomp:
         host["decompositions (float64, on the host)"] = dev["peak decomposition"]
     chunk = 4 * tokens * s.hidden
-    if getattr(options, "allocation", "block") == "global" and options.method == "sola":
+    if survey:
         host["survey (a block's update, one chunk)"] = chunk  # pipeline/survey.py
     spill = False
     in_ram = sum(host.values()) + states
@@ -355,7 +355,7 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     # plain fit: statistics and propagation passes; compensating fit: about five (pipeline/paired.py)
     passes = 5 if _fit(options) == "compensate" else 2
     flops = passes * forward + covariances * (2 if _fit(options) == "compensate" else 1) + decompositions
-    if getattr(options, "allocation", "block") == "global" and options.method == "sola":
+    if survey:
         flops += forward + covariances + decompositions  # the survey pass (pipeline/survey.py)
     plan = Plan(device=device.type, batch_tokens=tokens, spill=spill, states_bytes=states, device_parts=dev,
                 host_parts=host, disk_parts=disk, budget_device=budget_device, budget_host=budget_host,

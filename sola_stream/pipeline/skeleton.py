@@ -16,7 +16,7 @@ from sola_stream.families import Family, family_for, family_for_dict, meta_model
 from sola_stream.pipeline.block_forward import StopForward
 from sola_stream.storage.checkpoint import CheckpointReader
 from sola_stream.errors import InputError
-from sola_stream.storage.input_checks import check_config, check_layer_count, check_tensors
+from sola_stream.storage.input_checks import check_config, check_finite_tensors, check_layer_count, check_tensors
 
 # tensors some older checkpoints carry that the model recomputes (ignored when read)
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -66,8 +66,7 @@ def load_outer(model: nn.Module, reader: CheckpointReader, family: Family, confi
     state = {}
     for name in names:
         t = reader.get(name)
-        if not torch.isfinite(t).all():
-            raise InputError(f"{reader.path / reader.weight_map[name]}: tensor {name!r} has NaN or Inf")
+        check_finite_tensors({name: t}, reader, "")
         state[name] = t.to(dtype)
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
