@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "cannot be met.", formatter_class=_Help)
     pl.add_argument("model", help="checkpoint directory, config.json file or hub id")
     _run_options(pl)
+    pl.add_argument("--ranks", type=int, default=1, metavar="N",
+                    help="plan one rank of a run of N processes (torchrun --nproc-per-node, times the nodes)")
+    pl.add_argument("--ranks-per-node", type=int, default=None, metavar="M",
+                    help="ranks sharing one node's host memory (default: all N)")
     pl.add_argument("--no-measure", action="store_true", help="skip the matmul benchmark behind the time estimate")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -222,6 +226,7 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _compress(args) -> int:
+    from sola_stream.pipeline.distributed import Ranks
     from sola_stream.pipeline.engine import compress
     from sola_stream.pipeline.memory import PeakMemory
 
@@ -229,12 +234,19 @@ def _compress(args) -> int:
     runs = [_options(args, ratio) for ratio in args.ratio]
     for opts in runs:  # every ratio checked before the first output is written
         opts.validate(need_device=False)
-    for ratio, opts in zip(args.ratio, runs):
-        out = args.output if len(args.ratio) == 1 else str(Path(args.output) / f"ratio-{ratio:g}")
-        with PeakMemory() as mem:  # the whole call (tokenization included); GPU peaks come from the engine
-            s = compress(args.model, out, opts, progress=not args.no_progress, overwrite=args.overwrite,
-                         shared=shared)
-        _report(s, opts, mem)
+    ranks = Ranks.from_env()  # several processes under torchrun (docs/CLUSTER.md)
+    if ranks.active:
+        ranks.init(runs[0].resolved_device().type)
+    try:
+        for ratio, opts in zip(args.ratio, runs):
+            out = args.output if len(args.ratio) == 1 else str(Path(args.output) / f"ratio-{ratio:g}")
+            with PeakMemory() as mem:  # the whole call (tokenization included); GPU peaks come from the engine
+                s = compress(args.model, out, opts, progress=not args.no_progress, overwrite=args.overwrite,
+                             shared=shared, ranks=ranks)
+            if ranks.rank == 0:
+                _report(s, opts, mem)
+    finally:
+        ranks.close()
     return 0
 
 
@@ -275,8 +287,16 @@ def _plan(args) -> int:
     cfg, where = read_config(args.model)
     check_config(family_for_dict(cfg, str(where)).text(cfg, str(where)), str(where))
     device = opts.plan_device()
+    per_node = args.ranks if args.ranks_per_node is None else args.ranks_per_node
+    if args.ranks < 1 or not 1 <= per_node <= args.ranks:
+        raise InputError(f"--ranks {args.ranks} --ranks-per-node {per_node}: need 1 <= ranks-per-node <= ranks")
+    if opts.nsamples < args.ranks:
+        raise InputError(f"--nsamples {opts.nsamples}: fewer calibration windows than the {args.ranks} ranks")
+    if args.ranks > 1 and opts.fit == "compensate":
+        raise InputError("--fit compensate runs in one process only: it is not yet spread over ranks")
     p = make_plan(cfg, opts, device, budget_host=None if opts.max_host_memory else available_host_memory(),
-                  measure=not args.no_measure and (device.type == "cpu" or torch_cuda()))
+                  measure=not args.no_measure and (device.type == "cpu" or torch_cuda()),
+                  ranks=args.ranks, ranks_per_node=per_node)
     print(json.dumps(p.as_dict()) if args.json else p.describe())
     return 2 if p.problems else 0
 

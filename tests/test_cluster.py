@@ -87,3 +87,61 @@ def test_array_task_takes_its_ratio_and_refuses_a_missing_one(model4, slurm, tmp
     assert r.returncode == 2 and "--ratio-list has 2 ratios" in r.stderr
     r = sbatch(env, model4)
     assert r.returncode == 2 and r.stderr.startswith("usage:")
+
+
+NODES_SCRIPT = SCRIPT.parent / "compress-nodes.sbatch"
+
+
+@pytest.fixture
+def slurm_nodes(slurm, tmp_path):
+    """As `slurm`, with an `srun` that runs its command here and an `scontrol show hostnames`."""
+    env, calls = slurm
+    bin_dir = Path(env["PATH"].split(os.pathsep)[0])
+    (bin_dir / "srun").write_text('#!/bin/sh\nshift\nexec "$@"\n')  # drops --kill-on-bad-exit
+    (bin_dir / "scontrol").write_text(
+        f'#!/bin/sh\nif [ "$1" = show ]; then echo 127.0.0.1; else echo "$@" >> "{calls}"; fi\n')
+    for name in ("srun", "scontrol"):
+        (bin_dir / name).chmod(0o755)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env.update(SOLA_TORCHRUN=f"{sys.executable} -m torch.distributed.run", SOLA_NPROC="2", SOLA_PORT=str(port),
+               SLURM_NNODES="1", SLURM_JOB_NODELIST="node1")
+    return env, calls
+
+
+def test_several_ranks_job_stops_on_request_requeues_and_resumes(model4, slurm_nodes, tmp_path):
+    """compress-nodes.sbatch: torchrun's ranks stop at the stop request the script makes on SIGTERM,
+    the script turns torchrun's exit 1 into 75 from the run log and requeues; the rerun finishes
+    into the bytes of an uninterrupted job."""
+    env, calls = slurm_nodes
+    args = [*ARGS, "--device", "cpu"]
+    reference = tmp_path / "reference"
+    r = subprocess.run(["bash", str(NODES_SCRIPT), model4, reference, *args], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not calls.exists()
+
+    out = tmp_path / "out"
+    job = subprocess.Popen(["bash", str(NODES_SCRIPT), model4, out, *args], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True,
+                           env={**env, "SOLA_STREAM_CRASH_AT": "block_compressed:1:SLEEP"})
+    log, deadline = out / "sola-stream-log.jsonl", time.time() + 300
+    while not (log.exists() and '"start"' in log.read_text()):
+        assert job.poll() is None and time.time() < deadline, job.communicate()
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode == 75, stderr[-3000:]
+    assert calls.read_text().split() == ["requeue", "4242"]
+    manifest = json.loads((out / RUN_DIR / "manifest.json").read_text())
+    assert len(manifest["blocks"]) == 1 and manifest["ranks"] == 2
+    assert not (out / RUN_DIR / "stop").exists()  # obeyed, so the rerun goes on
+
+    r = subprocess.run(["bash", str(NODES_SCRIPT), model4, out, *args], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert output_hashes(out) == output_hashes(reference)
+    assert calls.read_text().split() == ["requeue", "4242"]

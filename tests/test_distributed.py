@@ -2,6 +2,7 @@
 ranks equal one process's over all windows; a stop request of one rank is every rank's."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import make_tiny, output_hashes
 from sola_stream.errors import InputError
 from sola_stream.pipeline.distributed import Ranks
 
@@ -69,3 +70,115 @@ def test_environment_is_checked(monkeypatch):
         Ranks.from_env()
     with pytest.raises(InputError, match="fewer calibration windows than the 4 ranks"):
         Ranks(0, 4).share(3)
+
+
+# -- the whole compress command on two ranks -------------------------------------------------------
+
+ARGS = ["--nsamples", "8", "--seqlen", "64", "--device", "cpu", "--no-progress"]
+
+
+def launch(model: Path, out: Path, *extra: str, world: int = 2, env_by_rank: dict | None = None) -> list:
+    """`sola-stream compress` as `world` processes with the environment torchrun gives each rank
+    (launched directly, so that each rank's exit code and stderr are its own)."""
+    port = free_port()
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+           "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "sola_stream", "compress", str(model), str(out), *ARGS, *extra],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r), **(env_by_rank or {}).get(r, {})},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    return [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
+
+
+def single(model: Path, out: Path, *extra: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "-m", "sola_stream", "compress", str(model), str(out), *ARGS,
+                           "--threads", "1", *extra], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def effective(out: Path) -> dict[str, torch.Tensor]:
+    """Every compressed layer's weight as it acts (A B for factors): factor signs and the order of
+    float sums may differ between runs that compute the same thing."""
+    from safetensors.torch import load_file
+
+    got = {}
+    for f in sorted(out.glob("model-*.safetensors")):
+        t = load_file(f)
+        for k, v in t.items():
+            if k.endswith("lowrank.a"):
+                got[k[:-len(".lowrank.a")]] = v.float() @ t[k[:-1] + "b"].float()
+            elif not k.endswith("lowrank.b"):
+                got[k] = v.float()
+    return got
+
+
+@pytest.fixture(scope="module")
+def three_blocks(tmp_path_factory, tiny_tokenizer):
+    return make_tiny("llama", tmp_path_factory.mktemp("dist3") / "llama", tiny_tokenizer, num_hidden_layers=3)
+
+
+@pytest.mark.parametrize("allocation", ["global", "block"])
+def test_two_ranks_compress_as_one_process(three_blocks, tmp_path, allocation):
+    """The output of two ranks is one process's to the float32 order of the statistics' sums (and
+    bf16 storage); the same ranks everywhere; rank 0 alone wrote the output."""
+    single(three_blocks, tmp_path / "one", "--allocation", allocation)
+    ranks = launch(three_blocks, tmp_path / "two", "--allocation", allocation)
+    assert [rc for rc, _ in ranks] == [0, 0], ranks
+    one, two = (json.loads((tmp_path / d / "config.json").read_text())["sola"] for d in ("one", "two"))
+    assert [b["layers"] for b in one["blocks"]] == [b["layers"] for b in two["blocks"]]
+    assert one["achieved_ratio_blocks"] == two["achieved_ratio_blocks"]
+    a, b = effective(tmp_path / "one"), effective(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:  # bf16 storage: a relative step of 2^-8 where a sum order moved a value across it
+        assert float((a[k] - b[k]).norm() / a[k].norm()) < 1e-2, k
+    log = [json.loads(line) for line in (tmp_path / "two" / "sola-stream-log.jsonl").read_text().splitlines()]
+    assert log[0]["ranks"] == 2 and log[-1]["event"] == "done"
+    assert not (tmp_path / "two" / ".sola-run").exists()
+
+
+def test_a_stop_asked_of_one_rank_stops_both_and_resumes(three_blocks, tmp_path):
+    """SIGTERM to rank 1 alone after block 0: both ranks stop after block 0 is committed (exit 75),
+    the run resumes with two ranks into the bytes of an uninterrupted run; one rank is refused."""
+    full = launch(three_blocks, tmp_path / "full")
+    assert [rc for rc, _ in full] == [0, 0], full
+    out = tmp_path / "out"
+    stopped = launch(three_blocks, out, env_by_rank={1: {"SOLA_STREAM_CRASH_AT": "block_compressed:1:TERM"}})
+    assert [rc for rc, _ in stopped] == [75, 75], stopped
+    assert "SIGTERM received" in stopped[1][1] and "stopped after block 0 of 3" in stopped[0][1]
+    manifest = json.loads((out / ".sola-run" / "manifest.json").read_text())
+    assert len(manifest["blocks"]) == 1 and manifest["ranks"] == 2 and len(manifest["states"]["sha256"]) == 2
+    assert sorted(p.name for p in (out / ".sola-run").glob("states-*")) == [
+        "states-00001-rank0of2.safetensors", "states-00001-rank1of2.safetensors"]
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    alone = subprocess.run([sys.executable, "-m", "sola_stream", "compress", str(three_blocks), str(out), *ARGS],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 2 and "started with 2 process(es), not 1" in alone.stderr
+
+    resumed = launch(three_blocks, out)
+    assert [rc for rc, _ in resumed] == [0, 0], resumed
+    assert output_hashes(out) == output_hashes(tmp_path / "full")
+
+
+def test_a_damaged_states_file_of_rank_1_stops_every_rank(three_blocks, tmp_path):
+    out = tmp_path / "out"
+    stopped = launch(three_blocks, out, env_by_rank={0: {"SOLA_STREAM_CRASH_AT": "block_compressed:2:TERM"}})
+    assert [rc for rc, _ in stopped] == [75, 75], stopped
+    path = out / ".sola-run" / "states-00002-rank1of2.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    failed = launch(three_blocks, out)
+    assert [rc for rc, _ in failed] == [2, 2], failed
+    for _, err in failed:  # the same one line on both ranks, naming the file
+        assert f"{path}: calibration states damaged" in err.strip().splitlines()[-1]
+
+
+def test_torchrun_runs_it(three_blocks, tmp_path):
+    """The launcher users run: torchrun starts the ranks (gloo on the CPU) and the output is complete."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(free_port()), "-m", "sola_stream", "compress", str(three_blocks),
+                           str(tmp_path / "out"), *ARGS], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "shared by 2 ranks" in done.stdout
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["sola"]["achieved_ratio_blocks"] > 0.19

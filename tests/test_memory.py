@@ -14,7 +14,7 @@ import torch
 
 from conftest import ROOT, make_tiny, output_hashes
 from sola_stream.pipeline.engine import CompressOptions
-from sola_stream.pipeline.plan import GIB, make_plan
+from sola_stream.pipeline.plan import GIB, Shapes, largest_decomposition_share, make_plan, marginal_neurons
 
 # a wide tiny model, so the calibration cache (windows x seqlen x hidden float32) dominates memory
 WIDE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
@@ -119,3 +119,27 @@ def test_model_wide_allocation_keeps_the_spilled_cache_out_of_ram(wide, spill_bu
     assert "cache spilled to disk" in r.stdout
     assert rss <= spill_budget * GIB
     assert rss < in_ram[1] - CACHE_BYTES // 2
+
+
+def test_plan_for_ranks_is_one_ranks_share():
+    """`plan --ranks N`: one rank's windows (its states cache), a node's host budget shared by its
+    ranks, every rank's states on disk, less compute per rank; bad rank counts are refused."""
+    cfg = json.loads((ROOT / "tools" / "configs" / "llama-2-70b.json").read_text())
+    opts = CompressOptions(nsamples=128, seqlen=2048)
+    one = make_plan(cfg, opts, torch.device("cuda"), budget_device=80 * GIB, budget_host=512 * GIB)
+    four = make_plan(cfg, opts, torch.device("cuda"), budget_device=80 * GIB, budget_host=512 * GIB, ranks=4,
+                     ranks_per_node=4)
+    assert four.states_bytes * 4 == one.states_bytes and four.budget_host == 128 * GIB
+    assert four.disk_parts["states checkpoints (two per stream while running)"] == \
+        one.disk_parts["states checkpoints (two per stream while running)"]
+    # the windows' work divides by 4; the decompositions by less (the largest layer is one rank's)
+    share = largest_decomposition_share(Shapes.from_config(cfg), marginal_neurons(Shapes.from_config(cfg), "sola", 0.25), 4)
+    assert 0.25 < share < 0.5
+    assert one.flops_per_block / 4 < four.flops_per_block < one.flops_per_block / 2
+    assert four.peak_device <= one.peak_device and four.as_dict()["ranks"] == 4
+    assert "4 ranks: memory and time are one rank's" in four.describe()
+    config = str(ROOT / "tools" / "configs" / "llama-2-70b.json")
+    r, _ = run("plan", config, "--ranks", "2", "--ranks-per-node", "3", "--no-measure")
+    assert r.returncode == 2 and "--ranks 2 --ranks-per-node 3" in r.stderr
+    r, _ = run("plan", config, "--ranks", "4", "--nsamples", "2", "--no-measure")
+    assert r.returncode == 2 and "fewer calibration windows than the 4 ranks" in r.stderr

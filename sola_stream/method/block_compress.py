@@ -45,6 +45,12 @@ def prime_order(scores: torch.Tensor, prime_ratio: float) -> tuple[torch.Tensor,
     return order[:n_prime].sort().values, order[n_prime:].sort().values
 
 
+def decomposition_cost(m: int, n: int, whitened_width: int) -> float:
+    """Relative cost of factoring an m x n matrix: its SVD (m n min(m, n)) and the Cholesky of
+    the covariance that whitens it (width^3 / 3). Used to share a block's layers out fairly."""
+    return m * n * min(m, n) + whitened_width ** 3 / 3
+
+
 class Layout:
     """What a block's compression decides before any factor is made, from its statistics: the
     prime/marginal split of each FFN, each layer's rank (None: dense), the layers kept dense for
@@ -53,11 +59,13 @@ class Layout:
     `covs`: input covariances by group key (see pipeline/block_forward.py); the FFN-neuron ones are
     consumed (removed from the dict once whitened, so a 70B block's 3 GiB matrix does not outlive
     its use). `scores`: neuron scores by the key of each neuron group's activations (SoLA only).
-    `values_only`: spectra without bases, for a survey (no layer can be fitted from it)."""
+    `values_only`: spectra without bases, for a survey (no layer can be fitted from it).
+    `spread`: the decompositions are shared out among processes (pipeline/distributed.py Spread):
+    this one makes the spectra of the layers it owns, and the allocation uses everyone's."""
 
     def __init__(self, weights: dict[str, torch.Tensor], covs: dict[str, torch.Tensor],
                  scores: dict[str, torch.Tensor], family: Family, method: str, ratio: float, prime_ratio: float,
-                 budget: int | None = None, values_only: bool = False):
+                 budget: int | None = None, values_only: bool = False, spread=None):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}")
         self.family, self.method = family, method
@@ -108,8 +116,13 @@ class Layout:
 
         # matrices to factor: the whole weight, or the marginal rows/columns of FFN layers
         targets: dict[str, tuple[int, int]] = {}
-        self.spectra: dict[str, Spectrum] = {}
         for name in (n for n in linears if n not in self.starved):
+            (m, n), split = shapes[name], self.splits.get(name)
+            targets[name] = (m, len(split[2])) if split and split[0] == "in" else (len(split[2]) if split else m, n)
+        if spread is not None:
+            spread.assign({k: decomposition_cost(*t, t[1]) for k, t in targets.items()})
+        self.spectra: dict[str, Spectrum] = {}
+        for name in (n for n in targets if spread is None or spread.mine(n)):
             w = weights[name + ".weight"]
             key = family.group_of(name)
             split = self.splits.get(name)
@@ -117,14 +130,17 @@ class Layout:
                 w, L = w[:, split[2]], whitener(key, split[2].to(dev))
             else:
                 w, L = (w[split[2]] if split else w), whitener(key)
-            targets[name] = tuple(w.shape)
             with phase("spectra"):
                 self.spectra[name] = spectrum(w, L, dev, values_only)
+        energies = {n: sp.energy for n, sp in self.spectra.items()}
+        self.damping = {k: d for k, (_, d) in self.whiteners.items() if d}
+        if spread is not None:
+            energies, self.damping = spread.share(energies, self.damping)
 
         keep = 1.0 - ratio
         # parameters spent whatever the ranks: prime rows/columns and layers kept dense for want of tokens
         self.fixed = fixed + sum(math.prod(shapes[n]) for n in self.starved)
-        self.candidates = [Candidate(n, *targets[n], self.spectra[n].energy) for n in targets]
+        self.candidates = [Candidate(n, *targets[n], energies[n]) for n in targets]
         if method == "sola":
             # the block's share of the parameters: its own (1 - ratio), or what a model-wide allocation gave it
             budget = (math.floor(keep * self.dense_params) if budget is None else budget) - self.fixed
@@ -136,7 +152,6 @@ class Layout:
             ranks = {n: uniform_rank(*targets[n], keep) for n in targets}
         self.ranks = {n: (max(r, 1) if r is not None else None) for n, r in ranks.items()}
         self.ranks.update({n: None for n in self.starved})
-        self.damping = {k: d for k, (_, d) in self.whiteners.items() if d}
 
     def fit(self, name: str, weights: dict[str, torch.Tensor], storage_dtype: torch.dtype,
             cov: torch.Tensor | None = None, cross: torch.Tensor | None = None) -> tuple[dict, dict, float]:
@@ -209,15 +224,20 @@ class Layout:
 @torch.no_grad()
 def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
                    family: Family, method: str, ratio: float, prime_ratio: float,
-                   storage_dtype: torch.dtype, budget: int | None = None) -> BlockResult:
+                   storage_dtype: torch.dtype, budget: int | None = None, spread=None) -> BlockResult:
     """The plain fit of a whole block: `weights` are the block tensors by name relative to the
-    block (linears' `.weight`, biases, norms); see Layout for `covs`, `scores` and `budget`."""
+    block (linears' `.weight`, biases, norms); see Layout for `covs`, `scores`, `budget` and `spread`."""
     with phase("decomposition"):
-        layout = Layout(weights, covs, scores, family, method, ratio, prime_ratio, budget)
+        layout = Layout(weights, covs, scores, family, method, ratio, prime_ratio, budget, spread=spread)
         fitted = {}
         for name in family.linears:
-            with phase("factors"):
-                fitted[name] = layout.fit(name, weights, storage_dtype)  # frees this layer's basis before the next
+            if spread is None or spread.mine(name):
+                with phase("factors"):
+                    fitted[name] = layout.fit(name, weights, storage_dtype)  # frees this layer's basis before the next
+        if spread is not None:
+            fitted = spread.collect(fitted, list(family.linears))
+            if any(fitted[n][1]["rank"] != layout.ranks[n] for n in family.linears):  # a bug, not an input
+                raise RuntimeError("the processes of the run allocated different ranks to one block")
         return layout.result(weights, fitted)
 
 

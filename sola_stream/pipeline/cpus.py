@@ -41,10 +41,13 @@ def available_cpus() -> tuple[int, str]:
     return limits[source], source
 
 
-def set_threads(requested: int | None) -> tuple[int, str]:
-    """Set torch's intra-op threads: `requested` (--threads) or what available_cpus() allows."""
+def set_threads(requested: int | None, processes: int = 1) -> tuple[int, str]:
+    """Set torch's intra-op threads: `requested` (--threads) or what available_cpus() allows,
+    divided among the `processes` of a run that share this node (torchrun ranks)."""
     import torch
 
     n, source = (requested, "--threads") if requested else available_cpus()
+    if not requested and processes > 1:
+        n, source = max(1, n // processes), f"{source}, shared by {processes} ranks"
     torch.set_num_threads(n)
     return n, source

@@ -6,10 +6,10 @@ block is committed (resume.py), so an interrupted run resumes at the first unfin
 """
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import dataclass, replace
+from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from sola_stream.storage import output
 from sola_stream.storage.calibration import TOKENIZE_PIECE_CHARS, calibration_windows, read_calibration_text, text_hash, tokenize
 from sola_stream.storage.checkpoint import CheckpointReader
 from sola_stream.method.block_compress import BlockResult, compress_block
+from sola_stream.pipeline.distributed import SINGLE, Ranks
 from sola_stream.pipeline.cpus import set_threads
 from sola_stream.errors import InputError, OutputError
 from sola_stream.pipeline.memory import PeakMemory, release_free_memory, to_host
@@ -31,32 +32,14 @@ from sola_stream.pipeline.options import CompressOptions
 from sola_stream.storage.input_checks import check_finite_tensors
 from sola_stream.storage.runlog import RunLog
 from sola_stream.pipeline.resume import RunDir, fingerprint
-from sola_stream.storage.sola_section import FORMAT_VERSION as SECTION_VERSION
-from sola_stream.pipeline.stop import GracefulStop, Interrupted
+from sola_stream.pipeline.summary import Summary, block_entry, sola_section, summarize
+from sola_stream.pipeline.stop import STOP_FILE, GracefulStop, Interrupted
 from sola_stream.pipeline.skeleton import Skeleton
 from sola_stream.pipeline.paired import compress_compensated
 from sola_stream.phases import phase
 from sola_stream.pipeline.state_cache import StateCache, Streams
 from sola_stream.pipeline.survey import survey
 from sola_stream.pipeline.block_forward import BlockStats, run_block
-
-
-@dataclass
-class Summary:
-    output: str
-    method: str
-    target_ratio: float
-    achieved_ratio_blocks: float
-    achieved_ratio_model: float
-    seconds: float
-    blocks: int
-    device: str
-    resumed_at: int = 0  # first block computed by this call (0: a fresh run)
-    threads: str = ""  # CPU threads used and what chose the number
-    final_states: torch.Tensor | None = None  # last block's outputs, when asked for (tests, analysis)
-    states_on_disk: bool = False  # calibration states spilled to memory-mapped files
-    peak_rss: int = 0  # bytes, host, sampled over the whole call
-    peak_gpu: int = 0  # bytes allocated by torch on the GPU (0 without CUDA)
 
 
 def load_tokenizer(path: Path, config=None):
@@ -114,13 +97,19 @@ def outer_digest(reader: CheckpointReader, layers_prefix: str) -> str:
 
 
 def compress(model: str, out: str, options: CompressOptions, progress: bool = True,
-             keep_final_states: bool = False, overwrite: bool = False, shared: dict | None = None) -> Summary:
+             keep_final_states: bool = False, overwrite: bool = False, shared: dict | None = None,
+             ranks: Ranks = SINGLE) -> Summary:
     """Compress `model` into `out`. `shared`: a dict kept across the outputs of one multi-ratio
-    run (what they can share is left in it: the survey of --allocation global)."""
+    run (what they can share is left in it: the survey of --allocation global). `ranks`: this
+    process's place in a run of several (torchrun; pipeline/distributed.py): every rank calls
+    this with the same arguments, takes its share of the calibration windows, and rank 0 writes."""
     options.validate()
+    if ranks.active and options.fit == "compensate":
+        raise InputError("--fit compensate runs in one process only: it is not yet spread over ranks "
+                         "(run it without torchrun)")
     t0 = time.time()
-    threads = "{} ({})".format(*set_threads(options.threads))
-    device = options.resolved_device()
+    threads = "{} ({})".format(*set_threads(options.threads, ranks.local_world))
+    device = ranks.device(options.resolved_device())
     reader = CheckpointReader(model)
     out_dir = Path(out)
     check_paths(reader.path, out_dir)
@@ -130,7 +119,8 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
     family = skeleton.family
     options = blocks_ratio(options, reader, family, skeleton.num_blocks)
     plan = make_plan(reader.config_dict, options, device, measure=progress,  # the bar's first ETA
-                     budget_host=None if options.max_host_memory else available_host_memory())
+                     budget_host=None if options.max_host_memory else available_host_memory(),
+                     ranks=ranks.world, ranks_per_node=ranks.local_world)
     plan.check()
     options = replace(options, batch_tokens=plan.batch_tokens,
                       decompose_on="host" if plan.decompose_on_host else "device")
@@ -138,6 +128,8 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
     text, calib_desc = read_calibration_text(options.calib)
     windows = calibration_windows(tokenize(tokenizer, text, False, TOKENIZE_PIECE_CHARS), options.nsamples,
                                   options.seqlen, options.seed, calib_desc)
+    share = ranks.share(len(windows))
+    windows = windows[share.start:share.stop]  # this rank's windows (all of them in one process)
     calib_sha256 = text_hash(text)
     del text
     release_free_memory()
@@ -145,50 +137,47 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
     fp = fingerprint(reader, options.result_options(device), calib_sha256)
     n = skeleton.num_blocks
     layers_prefix = family.layers_path + "."
+    lead = ranks.rank == 0  # writes the output, the manifest and the log; shows the progress
+    progress = progress and lead
+    planned = output.planned_files(reader, n)
 
-    with RunDir(out_dir, fp, output.planned_files(reader, n), overwrite) as run, GracefulStop() as stop, \
-            PeakMemory() as mem:
+    with ExitStack() as stack:
+        run = ranks.first(lambda: stack.enter_context(RunDir(out_dir, fp, planned, overwrite, ranks.world)),
+                          share=RunDir.shared)
+        if not lead:
+            run = RunDir.follow(out_dir, fp, planned, run, ranks.world)
+        stop, mem = stack.enter_context(GracefulStop(run.dir / STOP_FILE)), stack.enter_context(PeakMemory())
         summary = dict(options=options, t0=t0, n=n, device=device, spilled=plan.spill, threads=threads, mem=mem)
         if run.finished:
-            return _summary(out_dir, start=n, final_states=None, **summary)
-        log = RunLog(out_dir)
+            return summarize(out_dir, start=n, final_states=None, **summary)
+        log = RunLog(out_dir) if lead else None
         outer = outer_digest(reader, layers_prefix)
         start = run.next_block
-        log.write("start", block=start, blocks=n, version=__version__, device=str(device), threads=threads,
-                  options=options.result_options(device), calibration=calib_desc, spill=plan.spill)
-        if start:
-            t_verify = time.time()
-            verify = tqdm(total=start, desc="verify", unit="block", disable=not progress)
-            run.verify(outer, lambda i: reader.digest(family.block_prefix(i)), torch.get_num_threads(), verify.update)
-            verify.close()
-            log.write("verified", blocks=start, seconds=round(time.time() - t_verify, 3))
-        run.cleanup_orphans()
-        cache = Streams(run.dir, on_disk=plan.spill, original=options.two_streams)
+        if log:
+            log.write("start", block=start, blocks=n, version=__version__, device=str(device), threads=threads,
+                      options=options.result_options(device), calibration=calib_desc, spill=plan.spill,
+                      **({"ranks": ranks.world} if ranks.active else {}))
+        ranks.check(lambda: _verify(run, start, outer, reader, family, progress, log, ranks.rank))
+        cache = Streams(run.dir, plan.spill, options.two_streams, ranks.rank, ranks.world)
         commits = Background("commit")
         final = None
         try:
             if start < n:
-                if run.manifest["states"] is None and start:
-                    raise OutputError(f"{run.dir / 'manifest.json'}: damaged run manifest (no calibration states "
-                                      f"recorded for block {start}); run with --overwrite to start over")
-                if start and options.two_streams and "original_sha256" not in run.manifest["states"]:
-                    raise OutputError(f"{run.dir / 'manifest.json'}: damaged run manifest (no original-model states "
-                                      f"recorded for block {start}); run with --overwrite to start over")
-                budgets = run.manifest.get("budgets")
-                if start and (options.allocation == "global") != (budgets is not None and len(budgets) == n):
-                    raise OutputError(f"{run.dir / 'manifest.json'}: damaged run manifest (block budgets of the "
-                                      f"model-wide allocation missing or not {n}); run with --overwrite to start over")
+                _check_manifest(run, start, n, options)
                 if run.manifest["states"] is None:  # a fresh run: embed the windows
                     target = cache.create((len(windows), options.seqlen, skeleton.hidden_size))
-                    kwargs = embed_windows(skeleton, windows, batch, target, cache.main.release)[1]
+                    kwargs = _everywhere(ranks, lambda: embed_windows(skeleton, windows, batch, target,
+                                                                      cache.main.release)[1])
                     budgets = None
                     if options.allocation == "global":  # the survey overwrites the states: embedded again
                         budgets = _budgets(skeleton, target, kwargs, options, device, batch, cache, progress, log,
-                                           shared)
+                                           shared, ranks)
                         embed_windows(skeleton, windows, batch, target, cache.main.release)
-                    run.commit_start(outer, cache.take_first()(), budgets)
+                    states = _merged(ranks.check(cache.take_first()))
+                    ranks.first(lambda: run.commit_start(outer, states, budgets))
                 else:
                     kwargs = skeleton.embed(windows[:1])[1]
+                    budgets = run.manifest.get("budgets")
                     cache.open(start)
             weights = Prefetch(reader, skeleton, device)
             bar = tqdm(range(start, n), desc="compress", unit="block", disable=not progress, initial=start, total=n)
@@ -200,37 +189,98 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
                 block_weights, digest = weights.get(i, i + 1 if not last else None)
                 result = _compress_one(i, block_weights, skeleton, cache, kwargs[i], options, device, batch, commits,
                                        need_outputs=not last or keep_final_states,
-                                       budget=run.manifest["budgets"][i] if run.manifest.get("budgets") else None)
+                                       budget=budgets[i] if budgets else None,
+                                       ranks=ranks)
                 del block_weights
+                faults.hit("block_compressed")
                 commits.wait()  # block i-1's commit is done with the states about to be replaced
                 swap = cache.take_target(i + 1)  # this block's outputs become the next one's inputs
                 persist = swap if not last else None
-                entry = _block_entry(i, result, digest)
+                entry = block_entry(i, result, digest)
                 rss, gpu = mem.reset()
                 record = {"block": i, "seconds": round(time.time() - t_block, 3), "peak_host_rss_bytes": rss,
                           "peak_gpu_allocated_bytes": gpu, "kept_fraction": result.kept_params / result.dense_params,
                           "layers": result.specs, "whitened_error": entry["whitened_error"]}
-                commits.start(lambda i=i, t=result.tensors, e=entry, p=persist, r=record:
-                              _commit(run, out_dir, family, i, t, e, p, lambda: log.write("block", **r)))
+                if not ranks.active:  # the commit overlaps the next block
+                    commits.start(lambda i=i, t=result.tensors, e=entry, p=persist, r=record:
+                                  _commit(run, out_dir, family, i, t, e, p, lambda: log.write("block", **r)))
+                else:  # every rank's states made durable, then rank 0 commits them with the block
+                    states = _merged(ranks.check(persist)) if persist else None
+                    ranks.first(lambda: _commit(run, out_dir, family, i, result.tensors, entry,
+                                                (lambda: states) if persist else None,
+                                                lambda: log.write("block", **record)))
                 bar.set_postfix(kept=f"{result.kept_params / result.dense_params:.3f}")
-                if stop.requested and not last:
+                if ranks.agree(stop.requested) and not last:  # a stop asked of any rank is every rank's
                     commits.wait()
                     bar.close()
-                    log.write("stopped", after_block=i)
+                    if log:
+                        (run.dir / STOP_FILE).unlink(missing_ok=True)  # obeyed: the resumed run goes on
+                        log.write("stopped", after_block=i)
                     raise Interrupted(f"{out_dir}: stopped after block {i} of {n} (blocks 0..{i} are committed); "
                                       "run the same command again to resume")
             commits.wait()
             if keep_final_states and start < n:
-                final = cache.main.source.clone()
+                final = cache.main.source.clone()  # this rank's windows
         finally:
             commits.wait(quiet=True)  # a commit in flight completes before the lock is released
             cache.close()
-        sola = _sola_section(options, calib_desc, run.manifest, reader, family, fp)
-        log.write("done", seconds=round(time.time() - t0, 3), achieved_ratio_blocks=sola["achieved_ratio_blocks"],
-                  achieved_ratio_model=sola["achieved_ratio_model"])
-        run.complete("config.json", output.finish(out_dir, reader, n, layers_prefix, type(skeleton.model),
-                                                  type(tokenizer).__name__, sola))
-    return _summary(out_dir, start=start, final_states=final, **summary)
+        ranks.first(lambda: _finish(run, out_dir, options, calib_desc, reader, skeleton, tokenizer, fp, log, t0))
+    return summarize(out_dir, start=start, final_states=final, **summary)
+
+
+def _verify(run: RunDir, start: int, outer: str, reader: CheckpointReader, family, progress: bool, log,
+            rank: int) -> None:
+    """Before a resume, what the manifest records is checked (each rank its own states files;
+    rank 0 everything else), and rank 0 removes what a crash left behind."""
+    if rank:
+        if start:
+            run.verify_states(rank)
+        return
+    if start:
+        t_verify = time.time()
+        verify = tqdm(total=start, desc="verify", unit="block", disable=not progress)
+        run.verify(outer, lambda i: reader.digest(family.block_prefix(i)), torch.get_num_threads(), verify.update)
+        verify.close()
+        log.write("verified", blocks=start, seconds=round(time.time() - t_verify, 3))
+    run.cleanup_orphans()
+
+
+def _check_manifest(run: RunDir, start: int, n: int, options: CompressOptions) -> None:
+    """What a resume needs from the manifest beyond its types (resume.py checks those)."""
+    if run.manifest["states"] is None and start:
+        raise OutputError(f"{run.dir / 'manifest.json'}: damaged run manifest (no calibration states "
+                          f"recorded for block {start}); run with --overwrite to start over")
+    if start and options.two_streams and "original_sha256" not in run.manifest["states"]:
+        raise OutputError(f"{run.dir / 'manifest.json'}: damaged run manifest (no original-model states "
+                          f"recorded for block {start}); run with --overwrite to start over")
+    budgets = run.manifest.get("budgets")
+    if start and (options.allocation == "global") != (budgets is not None and len(budgets) == n):
+        raise OutputError(f"{run.dir / 'manifest.json'}: damaged run manifest (block budgets of the "
+                          f"model-wide allocation missing or not {n}); run with --overwrite to start over")
+
+
+def _everywhere(ranks: Ranks, fn):
+    """`fn()` on every rank, any rank's error raised on all (Ranks.check), its result kept here."""
+    box = []
+    ranks.check(lambda: box.append(fn()))
+    return box[0]
+
+
+def _merged(by_rank: list[dict[str, str]]) -> dict:
+    """States checksums by stream: one SHA-256 in one process, a list by rank in several."""
+    if len(by_rank) == 1:
+        return by_rank[0]
+    return {stream: [h[stream] for h in by_rank] for stream in by_rank[0]}
+
+
+def _finish(run: RunDir, out_dir: Path, options: CompressOptions, calib_desc: str, reader: CheckpointReader,
+            skeleton: Skeleton, tokenizer, fp: dict, log: RunLog, t0: float) -> None:
+    family = skeleton.family
+    sola = sola_section(options, calib_desc, run.manifest, reader, family, fp)
+    log.write("done", seconds=round(time.time() - t0, 3), achieved_ratio_blocks=sola["achieved_ratio_blocks"],
+              achieved_ratio_model=sola["achieved_ratio_model"])
+    run.complete("config.json", output.finish(out_dir, reader, skeleton.num_blocks, family.layers_path + ".",
+                                              type(skeleton.model), type(tokenizer).__name__, sola))
 
 
 def _commit(run: RunDir, out_dir: Path, family, i: int, tensors: dict, entry: dict, persist, logged) -> None:
@@ -244,9 +294,9 @@ def _commit(run: RunDir, out_dir: Path, family, i: int, tensors: dict, entry: di
 
 def _compress_one(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, streams: Streams, kwargs: dict,
                   options: CompressOptions, device: torch.device, batch: int, commits: Background,
-                  need_outputs: bool = True, budget: int | None = None) -> BlockResult:
+                  need_outputs: bool = True, budget: int | None = None, ranks: Ranks = SINGLE) -> BlockResult:
     """Statistics, compression and propagation of block i (`budget`: its parameters, from a
-    model-wide allocation). The next block's inputs go to the
+    model-wide allocation; `ranks`: statistics summed and decompositions shared over them). The next block's inputs go to the
     caches' targets (in RAM the same tensors, overwritten chunk by chunk)."""
     family = skeleton.family
     prefix = family.block_prefix(i)
@@ -270,7 +320,8 @@ def _compress_one(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, 
             except ValueError as exc:
                 raise InputError(f"block {i} ({prefix}*): {exc}") from None
     else:
-        result = _plain(i, weights, skeleton, cache, target, kwargs, options, device, batch, commits, storage, budget)
+        result = _plain(i, weights, skeleton, cache, target, kwargs, options, device, batch, commits, storage, budget,
+                        ranks)
     if not keep_original and need_outputs:
         with phase("propagation"):
             cblock = build_block(skeleton.meta_block(i), result.tensors, result.specs, device, torch.float32)
@@ -288,7 +339,7 @@ def _compress_one(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, 
 
 def _plain(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: StateCache, target: torch.Tensor,
            kwargs: dict, options: CompressOptions, device: torch.device, batch: int, commits: Background,
-           storage: torch.dtype, budget: int | None) -> BlockResult:
+           storage: torch.dtype, budget: int | None, ranks: Ranks) -> BlockResult:
     """The plain fit: one statistics pass through the original block (carrying the states to
     the next block too with --propagate original), then the block's compression."""
     family = skeleton.family
@@ -307,6 +358,7 @@ def _plain(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: 
             raise InputError(f"calibration states in block {i} ({prefix}*): NaN or Inf values: {exc}") from None
     stats.remove()
     del block
+    ranks.sum_statistics(stats.cov, stats.abs_sum, stats.tokens)  # every window's, on every rank
     # the statistics pass may stop before the block's output; a Gram matrix's diagonal shows any
     # NaN/Inf (method/decompose.py). No loop variable: it would hold the last (largest)
     # covariance through the whole decomposition.
@@ -317,13 +369,13 @@ def _plain(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: 
         covs, scores = to_host(covs), to_host(scores)
     try:
         return compress_block(weights, covs, scores, family, options.method,
-                              options.ratio, options.prime_ratio, storage, budget)
+                              options.ratio, options.prime_ratio, storage, budget, spread=ranks.spread())
     except ValueError as exc:
         raise InputError(f"block {i} ({prefix}*): {exc}") from None
 
 
 def _budgets(skeleton: Skeleton, states: torch.Tensor, kwargs: dict, options: CompressOptions, device, batch: int,
-             cache: Streams, progress: bool, log: RunLog, shared: dict | None) -> list[int]:
+             cache: Streams, progress: bool, log: RunLog | None, shared: dict | None, ranks: Ranks) -> list[int]:
     """Block budgets of the model-wide allocation; the survey is taken from `shared` when an
     earlier output of the same multi-ratio run made it (else made, and left there)."""
     t0 = time.time()
@@ -334,7 +386,7 @@ def _budgets(skeleton: Skeleton, states: torch.Tensor, kwargs: dict, options: Co
             found, seconds = shared["survey"], 0.0
         else:
             found = survey(skeleton, states, kwargs, options, device, batch, cache.main.release, cache.begin_pass,
-                           progress)
+                           progress, ranks)
             seconds = round(time.time() - t0, 3)
             if shared is not None:
                 shared["survey"] = found
@@ -343,61 +395,10 @@ def _budgets(skeleton: Skeleton, states: torch.Tensor, kwargs: dict, options: Co
         raise InputError(f"calibration states in the survey pass, {exc}: NaN or Inf values") from None
     except ValueError as exc:
         raise InputError(f"--allocation global: {exc}") from None
-    log.write("survey", seconds=seconds, shared=reused, budgets=budgets)
+    if log:
+        log.write("survey", seconds=seconds, shared=reused, budgets=budgets)
     cache.begin_pass()
     return budgets
-
-
-def _block_entry(i: int, result: BlockResult, input_sha256: str) -> dict:
-    return {"block": i, "shard": output.block_shard_name(i), "input_sha256": input_sha256,
-            "dense_params": result.dense_params,
-            "kept_params": result.kept_params, "layers": result.specs,
-            "whitened_error": {k: round(v, 6) for k, v in result.error.items()}, "damping": result.damping,
-            **({"kept_dense_no_tokens": result.starved} if result.starved else {})}
-
-
-def _sola_section(options: CompressOptions, calib_desc: str, manifest: dict, reader: CheckpointReader,
-                  family, fp: dict) -> dict:
-    blocks = manifest["blocks"]
-    dense = sum(b["dense_params"] for b in blocks)
-    kept = sum(b["kept_params"] for b in blocks)
-    model_dense = output.model_params(reader)
-    model_kept = model_dense - (dense - kept)
-    return {
-        "format_version": SECTION_VERSION,
-        "package_version": __version__,
-        "base_model_type": family.name,
-        "layers_path": family.layers_path,
-        "method": options.method,
-        "ratio": options.ratio,
-        "prime_ratio": options.prime_ratio if options.method == "sola" else 0.0,
-        "ratio_definition": "fraction of decoder-block linear weight parameters removed",
-        "target_ratio_model": options.model_ratio,
-        "achieved_ratio_blocks": 1.0 - kept / dense,
-        "achieved_ratio_model": 1.0 - model_kept / model_dense,
-        "params": {"blocks_dense": dense, "blocks_kept": kept, "model_dense": model_dense, "model_kept": model_kept},
-        "calibration": {"source": calib_desc, "sha256": fp["calibration_sha256"], "nsamples": options.nsamples,
-                        "seqlen": options.seqlen, "seed": options.seed},
-        "propagate": options.propagate,
-        "fit": options.fit,
-        "allocation": options.allocation,
-        "linears": list(family.linears),
-        "input_groups": family.shared_inputs,  # layers sharing one input (fused at load)
-        **({"experts_path": family.experts.path} if family.experts else {}),  # per-expert layers (nn.Experts)
-        "blocks": [{"layers": b["layers"], "whitened_error": b["whitened_error"]} for b in blocks],
-        "fingerprint": fp,
-    }
-
-
-def _summary(out_dir: Path, options: CompressOptions, t0: float, n: int, device: torch.device, start: int,
-             final_states, spilled: bool, threads: str, mem: PeakMemory) -> Summary:
-    sola = json.loads((out_dir / "config.json").read_text())["sola"]
-    return Summary(output=str(out_dir), method=options.method, target_ratio=options.ratio,
-                   achieved_ratio_blocks=sola["achieved_ratio_blocks"],
-                   achieved_ratio_model=sola["achieved_ratio_model"], seconds=time.time() - t0, blocks=n,
-                   device=str(device), resumed_at=start, final_states=final_states,
-                   states_on_disk=spilled, threads=threads, peak_rss=max(mem.overall_rss, mem.peak_rss, mem.sample()),
-                   peak_gpu=max(mem.overall_gpu, mem.peak_gpu()[0]))
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:

@@ -14,7 +14,7 @@ The chunk size (batch tokens) is the largest power of two that fits the device b
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import psutil
 import torch
@@ -118,6 +118,7 @@ class Plan:
     seconds_per_block: float | None = None
     problems: list[str] = field(default_factory=list)
     decompose_on_host: bool = False  # the device cannot hold a block's decompositions: they run on the host
+    ranks: int = 1  # processes of the run (torchrun): the figures are one rank's, disk the run's
 
     @property
     def peak_device(self) -> int:
@@ -134,6 +135,9 @@ class Plan:
     def describe(self) -> str:
         lines = [f"device {self.device}, chunk {self.batch_tokens} tokens, calibration cache "
                  f"{_g(self.states_bytes)} {'spilled to disk (memory-mapped)' if self.spill else 'in host RAM'}"]
+        if self.ranks > 1:
+            lines.append(f"{self.ranks} ranks: memory and time are one rank's (its share of the windows, its "
+                         "share of the decompositions); the host budget is the node's divided among its ranks")
         if self.decompose_on_host:
             lines.append("decompositions on the host: the GPU budget cannot hold them "
                          f"({_g(self.device_parts['peak decomposition'])} needed)")
@@ -155,7 +159,7 @@ class Plan:
                 "peak_host_bytes": self.peak_host, "disk_bytes": sum(self.disk_parts.values()),
                 "device_parts": self.device_parts, "host_parts": self.host_parts, "disk_parts": self.disk_parts,
                 "flops_per_block": self.flops_per_block, "seconds_per_block": self.seconds_per_block,
-                "decompose_on_host": self.decompose_on_host, "problems": self.problems}
+                "decompose_on_host": self.decompose_on_host, "ranks": self.ranks, "problems": self.problems}
 
 
 def _g(n: int | None) -> str:
@@ -275,14 +279,20 @@ def marginal_neurons(s: Shapes, method: str, prime_ratio: float) -> list[int]:
 
 
 def make_plan(cfg: dict, options, device: torch.device, budget_device: int | None = None,
-              budget_host: int | None = None, measure: bool = False) -> Plan:
-    """Plan for `options` (CompressOptions) on `device`; budgets in bytes (None: what there is)."""
+              budget_host: int | None = None, measure: bool = False, ranks: int = 1, ranks_per_node: int = 1) -> Plan:
+    """Plan for `options` (CompressOptions) on `device`; budgets in bytes (None: what there is).
+    With `ranks` processes (torchrun), the plan is one rank's: its share of the windows, its part
+    of the work, and the node's host budget divided among the `ranks_per_node` on it."""
     s = Shapes.from_config(cfg)
+    if ranks > 1:
+        options = replace(options, nsamples=-(-options.nsamples // ranks))  # the largest share
     cpu = device.type != "cuda"
     if budget_device is None and getattr(options, "max_gpu_memory", None):
         budget_device = int(options.max_gpu_memory * GIB)
     if budget_host is None and getattr(options, "max_host_memory", None):
         budget_host = int(options.max_host_memory * GIB)
+    if ranks > 1 and budget_host is not None:
+        budget_host //= ranks_per_node  # a budget is the node's
     if not cpu and budget_device is None and torch.cuda.is_available():
         budget_device = torch.cuda.get_device_properties(device).total_memory
     streams = 2 if getattr(options, "two_streams", False) else 1  # --fit compensate: the original model's too
@@ -318,7 +328,7 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     weights = s.storage_bytes * s.block_params
     host = {"runtime (torch, transformers)": RUNTIME_HOST,
             "embeddings and head (float32)": 4 * s.outer_params,
-            "block weights (current + next)": 2 * weights,
+            "block weights (current + next)": min(2, s.blocks) * weights,  # the next is read ahead
             "compressed block being written": weights}
     if cpu:
         host["compute (block, chunk, statistics)"] = _peak(dev)
@@ -342,7 +352,7 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
 
     out_block = int(weights * (1 - options.ratio)) + s.storage_bytes * 4 * s.hidden
     disk = {"output shards": s.blocks * out_block + s.storage_bytes * s.outer_params,
-            "states checkpoints (two per stream while running)": 2 * states}
+            "states checkpoints (two per stream while running)": 2 * states * ranks}
 
     # forward (2 FLOP per weight per token, and the attention scores), covariances, and the
     # decompositions (Cholesky + Gram + eigh, ~ n^3 terms)
@@ -354,15 +364,35 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     decompositions = sum(m ** 3 / 3 + 2 * h * m * m + 2 * h * m * h * 3 for m in ms) + 2 * h ** 3 + 10 * 4 * h ** 3
     # plain fit: statistics and propagation passes; compensating fit: about five (pipeline/paired.py)
     passes = 5 if _fit(options) == "compensate" else 2
+    # several ranks: each runs its share of the windows, and the most loaded one its share of the
+    # decompositions (layers are not split: pipeline/distributed.py Spread)
+    decompositions *= largest_decomposition_share(s, ms, ranks)
     flops = passes * forward + covariances * (2 if _fit(options) == "compensate" else 1) + decompositions
     if survey:
         flops += forward + covariances + decompositions  # the survey pass (pipeline/survey.py)
     plan = Plan(device=device.type, batch_tokens=tokens, spill=spill, states_bytes=states, device_parts=dev,
                 host_parts=host, disk_parts=disk, budget_device=budget_device, budget_host=budget_host,
-                flops_per_block=float(flops), problems=problems, decompose_on_host=host_decomp)
+                flops_per_block=float(flops), problems=problems, decompose_on_host=host_decomp, ranks=ranks)
     if measure:
         plan.seconds_per_block = flops / matmul_throughput(device)
     return plan
+
+
+def largest_decomposition_share(s: Shapes, marginal: list[int], ranks: int) -> float:
+    """The most loaded rank's fraction of a block's decomposition cost, under the engine's
+    assignment of layers to ranks (by decomposition_cost, from the shapes alone)."""
+    if ranks <= 1:
+        return 1.0
+    from sola_stream.method.block_compress import decomposition_cost
+    from sola_stream.pipeline.distributed import Ranks, Spread
+
+    costs = {str(k): decomposition_cost(m, n, n) for k, (m, n) in enumerate(s.factored_dims(marginal))}
+    spread = Spread(Ranks(0, ranks))
+    spread.assign(costs)
+    load = [0.0] * ranks
+    for name, r in spread.owner.items():
+        load[r] += costs[name]
+    return max(load) / sum(load)
 
 
 def _peak(dev: dict[str, int], without_decomposition: bool = False) -> int:

@@ -6,7 +6,9 @@ While a run is unfinished it also holds `.sola-run/`:
   states file's SHA-256 and one entry per finished block (shard SHA-256, input-tensor digest):
   the commit record.
 - `states-NNNNN.safetensors`: the calibration states entering block NNNNN (float32), so that a
-  resumed run starts there without replaying finished blocks.
+  resumed run starts there without replaying finished blocks. A run of several processes
+  (torchrun) keeps one per rank, `states-NNNNN-rankRofW.safetensors`, each with its SHA-256 in
+  the manifest; only rank 0 writes the manifest and the shards, and a resume needs as many ranks.
 `.sola-stream.lock` (storage/lock.py) is held by the writing process. Commit order per block: shard
 (temp name, fsync, rename) -> next states (same) -> manifest (same; the commit point) -> the
 previous states file is deleted. Before a resume, everything the manifest records is verified.
@@ -86,10 +88,11 @@ def _classify(out: Path) -> dict | None:
 class RunDir:
     """The run state of one output directory; a context manager that holds the lock while writing.
 
-    `planned`: every file name the run will write at the top of the directory."""
+    `planned`: every file name the run will write at the top of the directory. `world`: the
+    number of processes of the run (rank 0 opens it; the others `follow`)."""
 
-    def __init__(self, out_dir: Path, fp: dict, planned: list[str], overwrite: bool = False):
-        self.out_dir, self.fp, self.planned = out_dir, fp, planned
+    def __init__(self, out_dir: Path, fp: dict, planned: list[str], overwrite: bool = False, world: int = 1):
+        self.out_dir, self.fp, self.planned, self.world = out_dir, fp, planned, world
         self.dir = out_dir / RUN_DIR
         self.finished = False
         self._lock: DirLock | None = None
@@ -116,7 +119,7 @@ class RunDir:
                 write_marker(out_dir, planned)
                 self.dir.mkdir(exist_ok=True)
                 self.manifest = {"format_version": MANIFEST_VERSION, "fingerprint": fp, "outer_sha256": None,
-                                 "states": None, "blocks": []}
+                                 "states": None, "blocks": [], **({"ranks": world} if world > 1 else {})}
                 atomic_write_json(self.dir / MANIFEST, self.manifest)
             elif self._finished(marker):  # finished by another process meanwhile
                 self._check_finished(marker)
@@ -126,6 +129,19 @@ class RunDir:
         except BaseException:
             self.release()
             raise
+
+    @classmethod
+    def follow(cls, out_dir: Path, fp: dict, planned: list[str], opened: dict, world: int) -> "RunDir":
+        """Another rank's view of the run rank 0 opened (`opened`: its `shared()`): no lock, and
+        only its own states files are written or verified by it."""
+        self = cls.__new__(cls)
+        self.out_dir, self.fp, self.planned, self.world = out_dir, fp, planned, world
+        self.dir, self._lock = out_dir / RUN_DIR, None
+        self.finished, self.manifest = opened["finished"], opened["manifest"]
+        return self
+
+    def shared(self) -> dict:
+        return {"finished": self.finished, "manifest": None if self.finished else self.manifest}
 
     # -- opening -------------------------------------------------------------------------------
     def _finished(self, marker: dict) -> bool:
@@ -155,6 +171,10 @@ class RunDir:
             raise OutputError(f"{path}: damaged run manifest ({exc}); {_REDO}") from None
         if not _valid_manifest(m):
             raise OutputError(f"{path}: damaged run manifest or one of another sola-stream version; {_REDO}")
+        if m.get("ranks", 1) != self.world:
+            raise OutputError(f"{self.out_dir}: this unfinished run was started with {m.get('ranks', 1)} process(es), "
+                              f"not {self.world}; resume it with as many (torchrun --nproc-per-node), "
+                              "or --overwrite to start over")
         if m["fingerprint"] != self.fp:
             diff = _first_difference(m["fingerprint"], self.fp)
             raise OutputError(f"{self.out_dir}: holds an unfinished run of a different model or options "
@@ -170,12 +190,7 @@ class RunDir:
         if m["outer_sha256"] is not None and m["outer_sha256"] != outer_digest:
             raise OutputError(f"{self.out_dir}: the input model's embeddings/head changed since this run started; "
                               f"{_REDO}")
-        for stream, sha in _stream_hashes(m["states"]):
-            path = self.states_path(self.next_block, stream)
-            if not path.is_file():
-                raise OutputError(f"{path}: calibration states of the unfinished run are missing; {_REDO}")
-            if file_sha256(path) != sha:
-                raise OutputError(f"{path}: calibration states damaged (checksum differs from the manifest); {_REDO}")
+        self.verify_states(0)
 
         def check(entry: dict) -> str | None:
             shard = self.out_dir / entry["shard"]
@@ -194,16 +209,29 @@ class RunDir:
                 if progress is not None:
                     progress()
 
+    def verify_states(self, rank: int) -> None:
+        """Rank `rank`'s states files are what the manifest recorded."""
+        for stream, sha in _stream_hashes(self.manifest["states"], rank):
+            path = self.states_path(self.next_block, stream, rank)
+            if not path.is_file():
+                raise OutputError(f"{path}: calibration states of the unfinished run are missing; {_REDO}")
+            if file_sha256(path) != sha:
+                raise OutputError(f"{path}: calibration states damaged (checksum differs from the manifest); {_REDO}")
+
     # -- progress ------------------------------------------------------------------------------
     @property
     def next_block(self) -> int:
         return len(self.manifest["blocks"])
 
-    def states_path(self, block: int, stream: str = "states") -> Path:
-        return states_file(self.dir, block, stream)
+    def states_path(self, block: int, stream: str = "states", rank: int = 0) -> Path:
+        return states_file(self.dir, block, stream, rank, self.world)
 
-    def commit_start(self, outer_digest: str, states_sha256: dict[str, str], budgets: list[int] | None = None) -> None:
-        """The first block's states are durable (`states_sha256`: SHA-256 by stream): recorded
+    def all_states(self, block: int) -> list[Path]:
+        return [self.states_path(block, stream, r) for stream in STREAMS for r in range(self.world)]
+
+    def commit_start(self, outer_digest: str, states_sha256: dict, budgets: list[int] | None = None) -> None:
+        """The first block's states are durable (`states_sha256`: SHA-256 by stream, a list by
+        rank in a run of several processes): recorded
         with the outer tensors' digest and, for a model-wide allocation, every block's budget."""
         self.manifest["outer_sha256"] = outer_digest
         if budgets is not None:
@@ -214,19 +242,19 @@ class RunDir:
     def commit_block(self, index: int, entry: dict, persist_states) -> None:
         """Called after block `index`'s shard is durable (its SHA-256 in `entry`):
         `persist_states()` makes the next block's states durable and returns their SHA-256 by
-        stream (None after the last block), then the manifest commits."""
+        stream (as in commit_start; None after the last block), then the manifest commits."""
         if persist_states is not None:
             self.manifest["states"] = _states_entry(index + 1, persist_states())
         else:
             self.manifest["states"] = None
         self.manifest["blocks"].append(entry)
         atomic_write_json(self.dir / MANIFEST, self.manifest)
-        for stream in STREAMS:
-            self.states_path(index, stream).unlink(missing_ok=True)
+        for path in self.all_states(index):
+            path.unlink(missing_ok=True)
 
     def cleanup_orphans(self) -> None:
         """Temp files and uncommitted states left by a crash (they are rewritten anyway)."""
-        keep = {self.states_path(self.next_block, stream) for stream in STREAMS}
+        keep = set(self.all_states(self.next_block))
         for p in [p for stream in STREAMS for p in self.dir.glob(f"{stream}-*.safetensors")]:
             if p not in keep:
                 p.unlink()
@@ -264,10 +292,18 @@ def _valid_manifest(m) -> bool:
         return False
     if not (m.get("outer_sha256") is None or isinstance(m["outer_sha256"], str)):
         return False
+    world = m.get("ranks", 1)
+    if type(world) is not int or world < 1:
+        return False
+
+    def hashes(v) -> bool:  # one per rank in a run of several processes
+        return isinstance(v, str) if world == 1 else (isinstance(v, list) and len(v) == world
+                                                      and all(isinstance(x, str) for x in v))
+
     states = m.get("states")
-    if not (states is None or (isinstance(states, dict) and isinstance(states.get("sha256"), str)
+    if not (states is None or (isinstance(states, dict) and "sha256" in states
                                and states.get("block") == len(m["blocks"])
-                               and all(isinstance(v, str) for k, v in states.items() if k.endswith("sha256")))):
+                               and all(hashes(v) for k, v in states.items() if k.endswith("sha256")))):
         return False
     budgets = m.get("budgets")
     if budgets is not None and not (isinstance(budgets, list) and all(type(x) is int and x > 0 for x in budgets)):
@@ -288,11 +324,12 @@ def _states_entry(block: int, hashes: dict[str, str]) -> dict:
     return {"block": block, **{("sha256" if s == "states" else f"{s}_sha256"): h for s, h in hashes.items()}}
 
 
-def _stream_hashes(entry: dict | None) -> list[tuple[str, str]]:
-    """(stream, SHA-256) of each states file a manifest entry records."""
+def _stream_hashes(entry: dict | None, rank: int = 0) -> list[tuple[str, str]]:
+    """(stream, SHA-256) of each of rank `rank`'s states files that a manifest entry records."""
     if entry is None:
         return []
-    return [(s, entry[k]) for s in STREAMS if (k := "sha256" if s == "states" else f"{s}_sha256") in entry]
+    found = [(s, entry[k]) for s in STREAMS if (k := "sha256" if s == "states" else f"{s}_sha256") in entry]
+    return [(s, h if isinstance(h, str) else h[rank]) for s, h in found]
 
 
 def _first_difference(old: dict, new: dict, path: str = "") -> str:

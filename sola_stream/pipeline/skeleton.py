@@ -15,7 +15,6 @@ from torch import nn
 from sola_stream.families import Family, family_for, family_for_dict, meta_model, runtime_names, transformers_config
 from sola_stream.pipeline.block_forward import StopForward
 from sola_stream.storage.checkpoint import CheckpointReader
-from sola_stream.errors import InputError
 from sola_stream.storage.input_checks import check_config, check_finite_tensors, check_layer_count, check_tensors
 
 # tensors some older checkpoints carry that the model recomputes (ignored when read)

@@ -32,10 +32,12 @@ TENSOR = "states"
 STREAMS = ("states", "original")  # the states the compressed model produces; the original model's
 
 
-def states_file(run_dir: Path, block: int, stream: str = "states") -> Path:
+def states_file(run_dir: Path, block: int, stream: str = "states", rank: int = 0, world: int = 1) -> Path:
     """The committed calibration states entering `block`: those the compressed blocks produce
-    (`states`), or, for the error-compensating fit, those the original blocks produce (`original`)."""
-    return run_dir / f"{stream}-{block:05d}.safetensors"
+    (`states`), or, for the error-compensating fit, those the original blocks produce (`original`).
+    In a run of several processes each holds its share of the windows in its own file."""
+    return run_dir / (f"{stream}-{block:05d}.safetensors" if world == 1 else
+                      f"{stream}-{block:05d}-rank{rank}of{world}.safetensors")
 
 
 def _header(shape: tuple[int, ...]) -> bytes:
@@ -167,14 +169,14 @@ class StateCache:
     Disk: source is the committed states file of this block, target a new temp file.
     """
 
-    def __init__(self, run_dir: Path, on_disk: bool, stream: str = "states"):
-        self.dir, self.on_disk, self.stream = run_dir, on_disk, stream
+    def __init__(self, run_dir: Path, on_disk: bool, stream: str = "states", rank: int = 0, world: int = 1):
+        self.dir, self.on_disk, self.stream, self.rank, self.world = run_dir, on_disk, stream, rank, world
         self._ram: torch.Tensor | None = None
         self._src: MappedStates | None = None
         self._dst: MappedStates | None = None
 
     def path(self, block: int) -> Path:
-        return states_file(self.dir, block, self.stream)
+        return states_file(self.dir, block, self.stream, self.rank, self.world)
 
     # -- the states of a block ------------------------------------------------------------------
     def create(self, block: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -242,9 +244,9 @@ class Streams:
     error-compensating fit with compressed propagation the original model's too (`original`),
     both windows x seqlen x hidden, cached and checkpointed the same way."""
 
-    def __init__(self, run_dir: Path, on_disk: bool, original: bool):
-        self.main = StateCache(run_dir, on_disk, "states")
-        self.original = StateCache(run_dir, on_disk, "original") if original else None
+    def __init__(self, run_dir: Path, on_disk: bool, original: bool, rank: int = 0, world: int = 1):
+        self.main = StateCache(run_dir, on_disk, "states", rank, world)
+        self.original = StateCache(run_dir, on_disk, "original", rank, world) if original else None
         self.caches = {c.stream: c for c in (self.main, self.original) if c is not None}
 
     def create(self, shape: tuple[int, ...]) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from pathlib import Path
 
 from sola_stream.errors import SolaError
 
@@ -20,15 +21,27 @@ class Interrupted(SolaError):
     exit_code = EXIT_INTERRUPTED
 
 
+STOP_FILE = "stop"  # in the run directory (.sola-run/): a stop request made by creating it
+
+
 class GracefulStop:
-    def __init__(self):
-        self.requested = False
+    """`requested` once a signal came, or once `stop_file` exists: a request that any process
+    seeing the output directory can make, without signalling the processes of a run (a batch
+    script whose run torchrun launched on several nodes; tools/slurm/compress-nodes.sbatch)."""
+
+    def __init__(self, stop_file: Path | None = None):
+        self._signalled = False
+        self.stop_file = stop_file
         self._old = {}
 
+    @property
+    def requested(self) -> bool:
+        return self._signalled or (self.stop_file is not None and self.stop_file.exists())
+
     def _handler(self, signum, frame):
-        if self.requested:
+        if self._signalled:
             raise KeyboardInterrupt
-        self.requested = True
+        self._signalled = True
         name = signal.Signals(signum).name
         # os.write: no buffered I/O inside a signal handler
         os.write(2, f"sola-stream: {name} received; stopping after the current block is committed "

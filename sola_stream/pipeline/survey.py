@@ -28,6 +28,7 @@ from sola_stream.method.allocate import Candidate, allocate, factored_params
 from sola_stream.method.block_compress import Layout
 from sola_stream.nn.build import build_block
 from sola_stream.pipeline.block_forward import BlockStats, _to
+from sola_stream.pipeline.distributed import SINGLE, Ranks
 from sola_stream.pipeline.memory import to_host
 from sola_stream.storage.input_checks import check_finite_tensors
 from sola_stream.phases import phase
@@ -56,10 +57,11 @@ class Survey:
 
 @torch.no_grad()
 def survey(skeleton, states: torch.Tensor, kwargs: dict[int, dict], options, device, batch: int,
-           release=None, begin_pass=None, progress: bool = True) -> Survey:
+           release=None, begin_pass=None, progress: bool = True, ranks: Ranks = SINGLE) -> Survey:
     """The survey pass (module docstring). `states` (the first block's inputs) are overwritten
     block by block; `release(k)` once windows before k are done, `begin_pass()` before each block
-    (a spilled cache drops its pages window by window in every pass)."""
+    (a spilled cache drops its pages window by window in every pass). `ranks`: each holds its
+    share of the windows; statistics and updates are summed, spectra shared out."""
     family, n = skeleton.family, skeleton.num_blocks
     candidates: list[Candidate] = []
     fixed, dense = [0] * n, [0] * n
@@ -72,14 +74,17 @@ def survey(skeleton, states: torch.Tensor, kwargs: dict[int, dict], options, dev
             stats = BlockStats(block, family)
             if begin_pass is not None:
                 begin_pass()
-            update = _propagate(block, states, kwargs[i], device, batch, release)
+            total, count = ranks.sum_numbers(list(_propagate(block, states, kwargs[i], device, batch, release)))
+            update = total / max(count, 1)
             stats.remove()
             del block
+            ranks.sum_statistics(stats.cov, stats.abs_sum, stats.tokens)
             covs, scores = stats.cov, stats.neuron_scores()
             if getattr(options, "decompose_on", "device") == "host":  # the plan found the device too small
                 covs, scores = to_host(covs), to_host(scores)
             # ranks for ratio 0 are computed and ignored: only the spectra and the split are used
-            layout = Layout(weights, covs, scores, family, options.method, 0.0, options.prime_ratio, values_only=True)
+            layout = Layout(weights, covs, scores, family, options.method, 0.0, options.prime_ratio, values_only=True,
+                            spread=ranks.spread())
         fixed[i], dense[i] = layout.fixed, layout.dense_params
         for c in layout.candidates:  # relative error of a layer, restated relative to the residual stream
             candidates.append(Candidate(f"{i}:{c.name}", c.m, c.n, c.energy.cpu(), update))
@@ -97,9 +102,10 @@ def _naming(i: int, prefix: str):
         raise ValueError(f"block {i} ({prefix}*): {exc}") from None
 
 
-def _propagate(block, states: torch.Tensor, kwargs: dict, device, batch: int, release) -> float:
-    """Run `states` through `block` in place; returns the mean over tokens of the block's relative
-    update ||h_out - h_in||^2 / ||h_in||^2 (how much the block changes the residual stream)."""
+def _propagate(block, states: torch.Tensor, kwargs: dict, device, batch: int, release) -> tuple[float, int]:
+    """Run `states` through `block` in place; returns the sum over tokens of the block's relative
+    update ||h_out - h_in||^2 / ||h_in||^2 (how much the block changes the residual stream) and
+    the number of tokens."""
     kw = {k: _to(v, device) for k, v in kwargs.items()}
     total, count = 0.0, 0
     for s in range(0, states.shape[0], batch):
@@ -115,4 +121,4 @@ def _propagate(block, states: torch.Tensor, kwargs: dict, device, batch: int, re
         states[s:s + batch].copy_(out.to(states.dtype))
         if release is not None:
             release(s + batch)
-    return total / max(count, 1)
+    return total, count
