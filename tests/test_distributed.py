@@ -19,6 +19,7 @@ from sola_stream.pipeline.distributed import Ranks
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 sys.path.insert(0, str(WORKER.parent))
 from distributed_worker import calibration_windows, statistics  # noqa: E402
+from bench_ranks import effective  # noqa: E402  (tools/: every layer's weight as it acts)
 
 
 def free_port() -> int:
@@ -94,22 +95,6 @@ def single(model: Path, out: Path, *extra: str) -> None:
     done = subprocess.run([sys.executable, "-m", "sola_stream", "compress", str(model), str(out), *ARGS,
                            "--threads", "1", *extra], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-
-
-def effective(out: Path) -> dict[str, torch.Tensor]:
-    """Every compressed layer's weight as it acts (A B for factors): factor signs and the order of
-    float sums may differ between runs that compute the same thing."""
-    from safetensors.torch import load_file
-
-    got = {}
-    for f in sorted(out.glob("model-*.safetensors")):
-        t = load_file(f)
-        for k, v in t.items():
-            if k.endswith("lowrank.a"):
-                got[k[:-len(".lowrank.a")]] = v.float() @ t[k[:-1] + "b"].float()
-            elif not k.endswith("lowrank.b"):
-                got[k] = v.float()
-    return got
 
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,8 @@ def worker(args, extra: list[str]) -> None:
 
 
 def effective(out: Path) -> dict:
+    """Every compressed layer's weight as it acts (A B for factors): factor signs and the order of
+    float sums may differ between runs that compute the same thing."""
     from safetensors.torch import load_file
 
     got = {}
