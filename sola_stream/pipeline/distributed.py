@@ -107,17 +107,13 @@ class Ranks:
         dist.all_reduce(counts)
         tokens.update(zip(names, counts.tolist()))
 
-    def agree(self, flag: bool, device: torch.device | str = "cpu") -> bool:
+    def agree(self, flag: bool) -> bool:
         """True on every rank when it is true on any (a stop request, a problem found by one rank)."""
         if not self.active:
             return flag
-        t = torch.tensor([int(flag)], device=device)
+        t = torch.tensor([int(flag)], device=self.comm_device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
-
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
 
     def first(self, fn, share=lambda value: value):
         """`fn()` on rank 0 only; every other rank gets `share(result)`, or raises the SolaError
