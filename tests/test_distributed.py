@@ -159,6 +159,26 @@ def test_a_damaged_states_file_of_rank_1_stops_every_rank(three_blocks, tmp_path
         assert f"{path}: calibration states damaged" in err.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("allocation", ["global", "block"])
+def test_states_that_overflow_stop_every_rank_with_one_message(tiny_tokenizer, tmp_path, allocation):
+    """Finite weights whose outputs overflow (block 0's down projection): every rank finds it in
+    its own windows, in the survey or after the compressed block, and both print the same line."""
+    from safetensors.torch import load_file, save_file
+
+    model = make_tiny("llama", tmp_path / "llama", tiny_tokenizer, num_hidden_layers=2)
+    name = "model.layers.0.mlp.down_proj.weight"
+    shard = model / json.loads((model / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(str(shard))
+    tensors[name] = torch.full_like(tensors[name], 3e38)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    failed = launch(model, tmp_path / "out", "--allocation", allocation)
+    assert [rc for rc, _ in failed] == [2, 2], failed
+    lines = [err.strip().splitlines()[-1] for _, err in failed]
+    assert lines[0].startswith("sola-stream: error: calibration states") and "block 0" in lines[0]
+    assert "NaN or Inf" in lines[0] and ("survey pass" in lines[0]) == (allocation == "global")
+    assert lines[1] == lines[0]  # the lowest rank's error, raised on every rank
+
+
 def test_torchrun_runs_it(three_blocks, tmp_path):
     """The launcher users run: torchrun starts the ranks (gloo on the CPU) and the output is complete."""
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",

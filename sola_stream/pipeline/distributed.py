@@ -154,6 +154,13 @@ class Ranks:
                 raise payload
         return [payload for _, payload in everyone]
 
+    def everywhere(self, fn):
+        """`fn()` on every rank, any rank's SolaError raised on all (as `check`); returns this
+        rank's own result (nothing crosses but errors)."""
+        box: list = []
+        self.check(lambda: box.append(fn()))
+        return box[0]
+
     def sum_numbers(self, values: list[float]) -> list[float]:
         """Float64 sums over the ranks (a survey's update ratios and token counts)."""
         if not self.active:

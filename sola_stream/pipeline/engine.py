@@ -166,8 +166,8 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
                 _check_manifest(run, start, n, options)
                 if run.manifest["states"] is None:  # a fresh run: embed the windows
                     target = cache.create((len(windows), options.seqlen, skeleton.hidden_size))
-                    kwargs = _everywhere(ranks, lambda: embed_windows(skeleton, windows, batch, target,
-                                                                      cache.main.release)[1])
+                    kwargs = ranks.everywhere(lambda: embed_windows(skeleton, windows, batch, target,
+                                                                    cache.main.release)[1])
                     budgets = None
                     if options.allocation == "global":  # the survey overwrites the states: embedded again
                         budgets = _budgets(skeleton, target, kwargs, options, device, batch, cache, progress, log,
@@ -259,13 +259,6 @@ def _check_manifest(run: RunDir, start: int, n: int, options: CompressOptions) -
                           f"model-wide allocation missing or not {n}); run with --overwrite to start over")
 
 
-def _everywhere(ranks: Ranks, fn):
-    """`fn()` on every rank, any rank's error raised on all (Ranks.check), its result kept here."""
-    box = []
-    ranks.check(lambda: box.append(fn()))
-    return box[0]
-
-
 def _merged(by_rank: list[dict[str, str]]) -> dict:
     """States checksums by stream: one SHA-256 in one process, a list by rank in several."""
     if len(by_rank) == 1:
@@ -327,10 +320,8 @@ def _compress_one(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, 
             cblock = build_block(skeleton.meta_block(i), result.tensors, result.specs, device, torch.float32)
             commits.wait()
             cache.begin_pass()
-            try:
-                run_block(cblock, cache.source, kwargs, device, batch, out=target, release=cache.release)
-            except FloatingPointError as exc:
-                raise InputError(f"calibration states after compressed block {i}: NaN or Inf values: {exc}") from None
+            ranks.everywhere(lambda b=cblock: _forward(b, cache.source, kwargs, device, batch, target, cache.release,
+                                                       f"calibration states after compressed block {i}"))
             del cblock
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -350,12 +341,10 @@ def _plain(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: 
     stats = BlockStats(block, family, stop_early=not keep_original)
     if keep_original:
         commits.wait()  # the previous commit may still be reading these states
-    with phase("statistics"):
-        try:
-            run_block(block, cache.source, kwargs, device, batch, out=target if keep_original else None,
-                      release=cache.release)
-        except FloatingPointError as exc:
-            raise InputError(f"calibration states in block {i} ({prefix}*): NaN or Inf values: {exc}") from None
+    with phase("statistics"):  # with --propagate original, outputs one rank's windows may make non-finite
+        ranks.everywhere(lambda b=block: _forward(b, cache.source, kwargs, device, batch,
+                                                  target if keep_original else None, cache.release,
+                                                  f"calibration states in block {i} ({prefix}*)"))
     stats.remove()
     del block
     ranks.sum_statistics(stats.cov, stats.abs_sum, stats.tokens)  # every window's, on every rank
@@ -399,6 +388,14 @@ def _budgets(skeleton: Skeleton, states: torch.Tensor, kwargs: dict, options: Co
         log.write("survey", seconds=seconds, shared=reused, budgets=budgets)
     cache.begin_pass()
     return budgets
+
+
+def _forward(block, states, kwargs, device, batch: int, out, release, what: str) -> None:
+    """run_block, its non-finite outputs an InputError that says `what`."""
+    try:
+        run_block(block, states, kwargs, device, batch, out=out, release=release)
+    except FloatingPointError as exc:
+        raise InputError(f"{what}: NaN or Inf values: {exc}") from None
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:

@@ -29,6 +29,7 @@ from sola_stream.method.block_compress import Layout
 from sola_stream.nn.build import build_block
 from sola_stream.pipeline.block_forward import BlockStats, _to
 from sola_stream.pipeline.distributed import SINGLE, Ranks
+from sola_stream.errors import InputError
 from sola_stream.pipeline.memory import to_host
 from sola_stream.storage.input_checks import check_finite_tensors
 from sola_stream.phases import phase
@@ -74,7 +75,8 @@ def survey(skeleton, states: torch.Tensor, kwargs: dict[int, dict], options, dev
             stats = BlockStats(block, family)
             if begin_pass is not None:
                 begin_pass()
-            total, count = ranks.sum_numbers(list(_propagate(block, states, kwargs[i], device, batch, release)))
+            total, count = ranks.sum_numbers(list(ranks.everywhere(
+                lambda b=block: _propagate(b, states, kwargs[i], device, batch, release, i, prefix))))
             update = total / max(count, 1)
             stats.remove()
             del block
@@ -102,7 +104,8 @@ def _naming(i: int, prefix: str):
         raise ValueError(f"block {i} ({prefix}*): {exc}") from None
 
 
-def _propagate(block, states: torch.Tensor, kwargs: dict, device, batch: int, release) -> tuple[float, int]:
+def _propagate(block, states: torch.Tensor, kwargs: dict, device, batch: int, release, i: int,
+               prefix: str) -> tuple[float, int]:
     """Run `states` through `block` in place; returns the sum over tokens of the block's relative
     update ||h_out - h_in||^2 / ||h_in||^2 (how much the block changes the residual stream) and
     the number of tokens."""
@@ -112,8 +115,9 @@ def _propagate(block, states: torch.Tensor, kwargs: dict, device, batch: int, re
         inp = states[s:s + batch].to(device)
         out = block(inp, **kw)
         out = out[0] if isinstance(out, tuple) else out
-        if not torch.isfinite(out).all():
-            raise FloatingPointError(f"non-finite block output for calibration windows {s}..{s + len(out) - 1}")
+        if not torch.isfinite(out).all():  # an InputError: every rank of a run raises it (Ranks.everywhere)
+            raise InputError(f"calibration states in the survey pass, block {i} ({prefix}*): non-finite block "
+                             f"output for calibration windows {s}..{s + len(out) - 1}: NaN or Inf values")
         # one chunk-sized temporary (out - inp), counted by the plan
         ratio = (torch.linalg.vector_norm(out - inp, dim=-1) / torch.linalg.vector_norm(inp, dim=-1).clamp_min(1e-30)) ** 2
         total += float(ratio.sum())
