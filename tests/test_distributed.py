@@ -1,5 +1,6 @@
-"""Data-parallel steps on torch.distributed (gloo, 2 processes on CPU): statistics summed over the
-ranks equal one process's over all windows; a stop request of one rank is every rank's."""
+"""Data-parallel compression on torch.distributed (gloo, 2 processes on CPU): statistics summed
+over the ranks equal one process's over all windows; the whole compress command on two ranks
+against one process; a stop asked of one rank, a resume, and errors of one rank are every rank's."""
 from __future__ import annotations
 
 import json
