@@ -72,6 +72,9 @@ def test_environment_is_checked(monkeypatch):
         Ranks.from_env()
     with pytest.raises(InputError, match="fewer calibration windows than the 4 ranks"):
         Ranks(0, 4).share(3)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)  # a rank started by hand, not by torchrun
+    with pytest.raises(InputError, match="MASTER_ADDR expected.*launch it with torchrun"):
+        Ranks(0, 2).init("cpu")
 
 
 # -- the whole compress command on two ranks -------------------------------------------------------

@@ -66,8 +66,12 @@ class Ranks:
         if self.active and not dist.is_initialized():
             if device_type == "cuda":
                 torch.cuda.set_device(self.local_rank)
-            dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=self.rank,
-                                    world_size=self.world, timeout=timedelta(minutes=timeout_minutes))
+            try:
+                dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=self.rank,
+                                        world_size=self.world, timeout=timedelta(minutes=timeout_minutes))
+            except ValueError as exc:  # the environment torchrun sets is incomplete
+                raise InputError(f"environment: RANK={self.rank} WORLD_SIZE={self.world} ask for a run of several "
+                                 f"processes, which cannot start: {exc} (launch it with torchrun)") from None
 
     def close(self) -> None:
         if self.active and dist.is_initialized():
