@@ -202,13 +202,15 @@ class Spread:
         self.ranks = ranks
         self.owner: dict[str, int] = {}
 
-    def assign(self, costs: dict[str, float]) -> None:
+    def assign(self, costs: dict[str, float]) -> list[float]:
+        """Owners by cost; returns each rank's total cost (its load)."""
         load = [0.0] * self.ranks.world
         self.owner = {}
         for name in sorted(costs, key=lambda k: (-costs[k], k)):
             r = min(range(self.ranks.world), key=lambda j: (load[j], j))
             self.owner[name] = r
             load[r] += costs[name]
+        return load
 
     def mine(self, name: str) -> bool:
         return self.owner.get(name, 0) == self.ranks.rank

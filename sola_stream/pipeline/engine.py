@@ -380,8 +380,6 @@ def _budgets(skeleton: Skeleton, states: torch.Tensor, kwargs: dict, options: Co
             if shared is not None:
                 shared["survey"] = found
         budgets = found.budgets(options.ratio)
-    except FloatingPointError as exc:
-        raise InputError(f"calibration states in the survey pass, {exc}: NaN or Inf values") from None
     except ValueError as exc:
         raise InputError(f"--allocation global: {exc}") from None
     if log:

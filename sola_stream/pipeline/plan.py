@@ -387,11 +387,7 @@ def largest_decomposition_share(s: Shapes, marginal: list[int], ranks: int) -> f
     from sola_stream.pipeline.distributed import Ranks, Spread
 
     costs = {str(k): decomposition_cost(m, n, n) for k, (m, n) in enumerate(s.factored_dims(marginal))}
-    spread = Spread(Ranks(0, ranks))
-    spread.assign(costs)
-    load = [0.0] * ranks
-    for name, r in spread.owner.items():
-        load[r] += costs[name]
+    load = Spread(Ranks(0, ranks)).assign(costs)
     return max(load) / sum(load)
 
 

@@ -95,11 +95,10 @@ def survey(skeleton, states: torch.Tensor, kwargs: dict[int, dict], options, dev
 
 @contextmanager
 def _naming(i: int, prefix: str):
-    """Errors of block i's survey say which block (as the compressing pass's do)."""
+    """Errors of block i's survey say which block (as the compressing pass's do; non-finite
+    states are InputErrors that name it already, _propagate)."""
     try:
         yield
-    except FloatingPointError as exc:
-        raise FloatingPointError(f"block {i} ({prefix}*): {exc}") from None
     except ValueError as exc:
         raise ValueError(f"block {i} ({prefix}*): {exc}") from None
 
