@@ -146,6 +146,10 @@ def _run_options(c: argparse.ArgumentParser) -> None:
                    help="global: a survey pass over all blocks first, so blocks trade parameters (better "
                         "perplexity, 1.7x the time); block: every block keeps the same fraction, one pass "
                         "(sola only; the baselines use uniform ranks; docs/METHOD.md)")
+    c.add_argument("--probe-windows", type=int, default=1, metavar="N",
+                   help="calibration windows the survey of --allocation global runs with each layer cut, to "
+                        "measure what its error costs the model's predictions; 0: a cheaper heuristic, "
+                        "worse perplexity (default: 1; docs/METHOD.md)")
     c.add_argument("--fit", default="plain", choices=["plain", "compensate"],
                    help="plain: fit each layer to its own inputs (the published methods); compensate: fit "
                         "each layer so that, fed the inputs the compressed model produces, it reproduces "
@@ -178,7 +182,8 @@ def _options(args, ratio: float | None = None):
                            prime_ratio=args.prime_ratio, calib=args.calib,
                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
                            propagate=args.propagate, fit=args.fit,
-                           allocation=args.allocation, batch_tokens=args.batch_tokens,
+                           allocation=args.allocation, probe_windows=args.probe_windows,
+                           batch_tokens=args.batch_tokens,
                            max_gpu_memory=args.max_gpu_memory, max_host_memory=args.max_host_memory,
                            threads=args.threads)
 

@@ -4,8 +4,10 @@ A candidate matrix m x n with whitened energies e_1 >= e_2 >= ... costs k (m + n
 at rank k, and m n when kept dense (exact). Rank allocation spends a parameter budget where
 it removes the most relative output error per parameter: each step either adds one rank to a
 candidate (gain e_k / E, cost m + n) or, once factoring stops saving, makes it dense
-(gain: the rest of its energy, cost: the remaining parameters). E is the candidate's total
-energy, so gains are fractions of each layer's own output energy (the paper's energy ratio).
+(gain: the rest of its energy, cost: the remaining parameters). A gain is an energy times the
+candidate's `weight`, what one unit of its whitened energy costs the model: by default 1 / E (E
+the candidate's total energy), so gains are fractions of each layer's own output energy (the
+paper's energy ratio); a model-wide allocation passes measured weights (pipeline/probe.py).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ class Candidate:
     m: int
     n: int
     energy: torch.Tensor  # descending, length min(m, n)
-    weight: float = 1.0  # importance multiplier on this candidate's relative error
+    weight: float | None = None  # cost of one unit of its whitened energy (None: 1 / its total energy)
 
 
 def factored_params(m: int, n: int, rank: int | None) -> int:
@@ -80,5 +82,5 @@ def _push(heap, order, c: Candidate, e: list[float], total: float, k: int) -> No
         gain = e[k] if k < len(e) else 0.0
     else:
         gain = sum(e[k:])
-    prio = c.weight * gain / total / _step_cost(c, k)
+    prio = (1.0 / total if c.weight is None else c.weight) * gain / _step_cost(c, k)
     heapq.heappush(heap, (-prio, order, c.name))

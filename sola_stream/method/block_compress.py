@@ -61,11 +61,14 @@ class Layout:
     its use). `scores`: neuron scores by the key of each neuron group's activations (SoLA only).
     `values_only`: spectra without bases, for a survey (no layer can be fitted from it).
     `spread`: the decompositions are shared out among processes (pipeline/distributed.py Spread):
-    this one makes the spectra of the layers it owns, and the allocation uses everyone's."""
+    this one makes the spectra of the layers it owns, and the allocation uses everyone's.
+    `importance`: by layer, what one unit of its whitened energy costs the model (measured by a
+    survey's probe, pipeline/probe.py); None: every layer's relative error counts alike."""
 
     def __init__(self, weights: dict[str, torch.Tensor], covs: dict[str, torch.Tensor],
                  scores: dict[str, torch.Tensor], family: Family, method: str, ratio: float, prime_ratio: float,
-                 budget: int | None = None, values_only: bool = False, spread=None):
+                 budget: int | None = None, values_only: bool = False, spread=None,
+                 importance: dict[str, float] | None = None):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}")
         self.family, self.method = family, method
@@ -140,7 +143,10 @@ class Layout:
         keep = 1.0 - ratio
         # parameters spent whatever the ranks: prime rows/columns and layers kept dense for want of tokens
         self.fixed = fixed + sum(math.prod(shapes[n]) for n in self.starved)
-        self.candidates = [Candidate(n, *targets[n], energies[n]) for n in targets]
+        # a layer the survey did not see (an expert no token reached then) counts as the block's most important
+        self.candidates = [Candidate(n, *targets[n], energies[n],
+                                     None if importance is None else importance.get(n, max(importance.values(), default=1.0)))
+                           for n in targets]
         if method == "sola":
             # the block's share of the parameters: its own (1 - ratio), or what a model-wide allocation gave it
             budget = (math.floor(keep * self.dense_params) if budget is None else budget) - self.fixed
@@ -152,6 +158,25 @@ class Layout:
             ranks = {n: uniform_rank(*targets[n], keep) for n in targets}
         self.ranks = {n: (max(r, 1) if r is not None else None) for n, r in ranks.items()}
         self.ranks.update({n: None for n in self.starved})
+
+    def truncated(self, name: str, weights: dict[str, torch.Tensor], keep: float) -> tuple[torch.Tensor, float]:
+        """Layer `name`'s whole weight (float32) with its factored part cut to the rank that keeps
+        `keep` of that part's parameters, and the whitened energy the cut drops. For a probe of what
+        a layer's error costs the model; needs the spectra with their bases (not values_only)."""
+        sp, split = self.spectra[name], self.splits.get(name)
+        m, n = sp.shape
+        rank = max(1, int(keep * m * n) // (m + n))
+        a, b = sp.factors(rank)
+        cut = a.float() @ b.float()  # float32: a 70B FFN layer's product is 0.7 GiB, not 1.4
+        del a, b
+        if split is None:
+            return cut, float(sp.energy[rank:].sum())
+        w = weights[name + ".weight"].to(cut.device, torch.float32, copy=True)
+        if split[0] == "in":
+            w[:, split[2].to(w.device)] = cut
+        else:
+            w[split[2].to(w.device)] = cut
+        return w, float(sp.energy[rank:].sum())
 
     def fit(self, name: str, weights: dict[str, torch.Tensor], storage_dtype: torch.dtype,
             cov: torch.Tensor | None = None, cross: torch.Tensor | None = None) -> tuple[dict, dict, float]:
@@ -224,11 +249,13 @@ class Layout:
 @torch.no_grad()
 def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
                    family: Family, method: str, ratio: float, prime_ratio: float,
-                   storage_dtype: torch.dtype, budget: int | None = None, spread=None) -> BlockResult:
+                   storage_dtype: torch.dtype, budget: int | None = None, spread=None,
+                   importance: dict[str, float] | None = None) -> BlockResult:
     """The plain fit of a whole block: `weights` are the block tensors by name relative to the
     block (linears' `.weight`, biases, norms); see Layout for `covs`, `scores`, `budget` and `spread`."""
     with phase("decomposition"):
-        layout = Layout(weights, covs, scores, family, method, ratio, prime_ratio, budget, spread=spread)
+        layout = Layout(weights, covs, scores, family, method, ratio, prime_ratio, budget, spread=spread,
+                        importance=importance)
         fitted = {}
         for name in family.linears:
             if spread is None or spread.mine(name):

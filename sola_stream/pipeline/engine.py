@@ -168,16 +168,16 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
                     target = cache.create((len(windows), options.seqlen, skeleton.hidden_size))
                     kwargs = ranks.everywhere(lambda: embed_windows(skeleton, windows, batch, target,
                                                                     cache.main.release)[1])
-                    budgets = None
+                    budgets = importance = None
                     if options.allocation == "global":  # the survey overwrites the states: embedded again
-                        budgets = _budgets(skeleton, target, kwargs, options, device, batch, cache, progress, log,
-                                           shared, ranks)
+                        budgets, importance = _budgets(skeleton, target, kwargs, options, device, batch, cache,
+                                                       progress, log, shared, ranks)
                         embed_windows(skeleton, windows, batch, target, cache.main.release)
                     states = _merged(ranks.check(cache.take_first()))
-                    ranks.first(lambda: run.commit_start(outer, states, budgets))
+                    ranks.first(lambda: run.commit_start(outer, states, budgets, importance))
                 else:
                     kwargs = skeleton.embed(windows[:1])[1]
-                    budgets = run.manifest.get("budgets")
+                    budgets, importance = run.manifest.get("budgets"), run.manifest.get("importance")
                     cache.open(start)
             weights = Prefetch(reader, skeleton, device)
             bar = tqdm(range(start, n), desc="compress", unit="block", disable=not progress, initial=start, total=n)
@@ -190,7 +190,7 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
                 result = _compress_one(i, block_weights, skeleton, cache, kwargs[i], options, device, batch, commits,
                                        need_outputs=not last or keep_final_states,
                                        budget=budgets[i] if budgets else None,
-                                       ranks=ranks)
+                                       importance=importance[i] if importance else None, ranks=ranks)
                 del block_weights
                 faults.hit("block_compressed")
                 commits.wait()  # block i-1's commit is done with the states about to be replaced
@@ -253,10 +253,12 @@ def _check_manifest(run: RunDir, start: int, n: int, options: CompressOptions) -
     if start and options.two_streams and "original_sha256" not in run.manifest["states"]:
         raise OutputError(f"{run.dir / 'manifest.json'}: damaged run manifest (no original-model states "
                           f"recorded for block {start}); run with --overwrite to start over")
-    budgets = run.manifest.get("budgets")
-    if start and (options.allocation == "global") != (budgets is not None and len(budgets) == n):
-        raise OutputError(f"{run.dir / 'manifest.json'}: damaged run manifest (block budgets of the "
-                          f"model-wide allocation missing or not {n}); run with --overwrite to start over")
+    budgets, weights = run.manifest.get("budgets"), run.manifest.get("importance")
+    if start and ((options.allocation == "global") != (budgets is not None and len(budgets) == n)
+                  or (options.allocation == "global" and bool(options.probe_windows))
+                  != (weights is not None and len(weights) == n)):
+        raise OutputError(f"{run.dir / 'manifest.json'}: damaged run manifest (block budgets or layer weights of "
+                          f"the model-wide allocation missing or not {n}); run with --overwrite to start over")
 
 
 def _merged(by_rank: list[dict[str, str]]) -> dict:
@@ -287,10 +289,12 @@ def _commit(run: RunDir, out_dir: Path, family, i: int, tensors: dict, entry: di
 
 def _compress_one(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, streams: Streams, kwargs: dict,
                   options: CompressOptions, device: torch.device, batch: int, commits: Background,
-                  need_outputs: bool = True, budget: int | None = None, ranks: Ranks = SINGLE) -> BlockResult:
+                  need_outputs: bool = True, budget: int | None = None, importance: dict | None = None,
+                  ranks: Ranks = SINGLE) -> BlockResult:
     """Statistics, compression and propagation of block i (`budget`: its parameters, from a
-    model-wide allocation; `ranks`: statistics summed and decompositions shared over them). The next block's inputs go to the
-    caches' targets (in RAM the same tensors, overwritten chunk by chunk)."""
+    model-wide allocation, `importance` its layers' weights there; `ranks`: statistics summed and
+    decompositions shared over them). The next block's inputs go to the caches' targets (in RAM
+    the same tensors, overwritten chunk by chunk)."""
     family = skeleton.family
     prefix = family.block_prefix(i)
     check_finite_tensors(weights, skeleton.reader, prefix)
@@ -305,7 +309,8 @@ def _compress_one(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, 
         with phase("compensated fit"):
             try:
                 result = compress_compensated(
-                    skeleton.meta_block(i), weights, family, (options.method, options.ratio, options.prime_ratio, budget),
+                    skeleton.meta_block(i), weights, family,
+                    (options.method, options.ratio, options.prime_ratio, budget, False, None, importance),
                     kwargs, device, batch, x.source, cache.source, x_out, streams.begin_pass, streams.release, storage,
                     lambda t, what: _check_finite(t, f"calibration states in block {i} ({prefix}*), {what}"))
             except FloatingPointError as exc:
@@ -314,7 +319,7 @@ def _compress_one(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, 
                 raise InputError(f"block {i} ({prefix}*): {exc}") from None
     else:
         result = _plain(i, weights, skeleton, cache, target, kwargs, options, device, batch, commits, storage, budget,
-                        ranks)
+                        importance, ranks)
     if not keep_original and need_outputs:
         with phase("propagation"):
             cblock = build_block(skeleton.meta_block(i), result.tensors, result.specs, device, torch.float32)
@@ -330,7 +335,7 @@ def _compress_one(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, 
 
 def _plain(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: StateCache, target: torch.Tensor,
            kwargs: dict, options: CompressOptions, device: torch.device, batch: int, commits: Background,
-           storage: torch.dtype, budget: int | None, ranks: Ranks) -> BlockResult:
+           storage: torch.dtype, budget: int | None, importance: dict | None, ranks: Ranks) -> BlockResult:
     """The plain fit: one statistics pass through the original block (carrying the states to
     the next block too with --propagate original), then the block's compression."""
     family = skeleton.family
@@ -358,7 +363,8 @@ def _plain(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: 
         covs, scores = to_host(covs), to_host(scores)
     try:
         return compress_block(weights, covs, scores, family, options.method,
-                              options.ratio, options.prime_ratio, storage, budget, spread=ranks.spread())
+                              options.ratio, options.prime_ratio, storage, budget, spread=ranks.spread(),
+                              importance=importance)
     except ValueError as exc:
         raise InputError(f"block {i} ({prefix}*): {exc}") from None
 
@@ -383,9 +389,9 @@ def _budgets(skeleton: Skeleton, states: torch.Tensor, kwargs: dict, options: Co
     except ValueError as exc:
         raise InputError(f"--allocation global: {exc}") from None
     if log:
-        log.write("survey", seconds=seconds, shared=reused, budgets=budgets)
+        log.write("survey", seconds=seconds, shared=reused, budgets=budgets, importance=found.importance)
     cache.begin_pass()
-    return budgets
+    return budgets, found.importance
 
 
 def _forward(block, states, kwargs, device, batch: int, out, release, what: str) -> None:

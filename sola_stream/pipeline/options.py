@@ -54,6 +54,9 @@ class CompressOptions:
     # model-wide (a survey pass first; sola only) or per block at the block's ratio: model-wide is
     # measured better at every ratio on SmolLM2, for 1.7x the time (docs/BENCHMARKS.md "Quality options")
     allocation: str = "global"
+    # calibration windows the survey probes for what each layer's error costs the model (0: the
+    # block-update heuristic instead; pipeline/probe.py)
+    probe_windows: int = 1
     batch_tokens: int | None = None  # tokens per forward chunk (None: planned from the device budget)
     # where a block's decompositions run: "device", or "host" when the plan finds the device too
     # small for them (set by the plan; part of the fingerprint: float64 results differ in the last bits)
@@ -80,6 +83,10 @@ class CompressOptions:
             raise InputError(f"--allocation: {self.allocation!r} is not one of {', '.join(ALLOCATIONS)}")
         if self.method != "sola":
             self.allocation = "block"  # the baselines' uniform ranks: nothing to allocate
+        if type(self.probe_windows) is not int or self.probe_windows < 0:
+            raise InputError(f"--probe-windows: {self.probe_windows!r} is not a whole number >= 0")
+        if self.allocation == "block":
+            self.probe_windows = 0  # only a survey probes
         if self.decompose_on not in ("device", "host"):
             raise InputError(f"decompose_on: {self.decompose_on!r} is not device or host")
         if self.propagate not in PROPAGATE:
@@ -116,6 +123,8 @@ class CompressOptions:
         opts["device"] = device.type
         if self.decompose_on == "device":  # the usual case keeps the fingerprints of earlier versions
             opts.pop("decompose_on")
+        if not self.probe_windows:  # what versions before the probe did: their runs still resume
+            opts.pop("probe_windows")
         if self.method != "sola":
             opts["prime_ratio"] = 0.0
         return opts

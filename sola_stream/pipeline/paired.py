@@ -90,8 +90,8 @@ def compress_compensated(meta_block: nn.Module, weights: dict[str, torch.Tensor]
                          kwargs: dict, device, batch: int, x: torch.Tensor, xh: torch.Tensor,
                          x_out: torch.Tensor | None, begin_pass, release, storage: torch.dtype,
                          check_finite) -> BlockResult:
-    """The compensated fit of one block (module docstring). `layout_args`: (method, ratio, prime
-    ratio, block budget or None); `x`, `xh`: the two streams entering it (one tensor with --propagate original);
+    """The compensated fit of one block (module docstring). `layout_args`: Layout's arguments
+    after `family` (method, ratio, prime ratio, block budget or None, ...); `x`, `xh`: the two streams entering it (one tensor with --propagate original);
     `x_out`: where the original block's outputs go (None: nowhere); `begin_pass()` before each
     pass over the windows (page release restarts there); `check_finite(t, what)` raises on NaN/Inf."""
     stages = [g for g in family.groups if not (family.experts and g.linears[0].startswith(family.experts.path + "."))]

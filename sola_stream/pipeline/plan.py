@@ -171,7 +171,7 @@ def _fit(options) -> str:
 
 
 def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens: int, cpu: bool,
-                 fit: str = "plain", survey: bool = False) -> dict[str, int]:
+                 fit: str = "plain", survey: bool = False, probe: bool = False) -> dict[str, int]:
     """Bytes on the compute device for each step of one block (float32 compute, float64 math).
     The compensating fit holds two blocks (the original and the one being compressed), the input
     of one layer per stream and a cross-covariance beside each covariance. GPU terms are checked
@@ -215,6 +215,16 @@ def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens
     if survey:  # pipeline/survey.py: a whole forward (its output and the update's norm: one chunk more);
         # its spectra (values only) need less than the decomposition
         terms["peak survey"] = block + acts + covs + small + 4 * tokens * h
+    if probe:  # pipeline/probe.py: the original block beside the spectra and their bases, while one
+        # layer's factors are made (the decomposition's peak), then one window through the block with
+        # that layer cut (its float32 copy and the factors' product)
+        largest = max(out * inp for out, inp, _, _ in s.layers)
+        kept = decomposition_peak(s, method, prime_ratio, kept=True)
+        # a window's states in, out and the last layer's perturbed output
+        one = block + small + 3 * 4 * seqlen * h + acts * seqlen // tokens + 2 * 4 * largest
+        terms["peak survey probe"] = one  # the spectra on the host (the cut layer copied in)
+        terms["peak decomposition (survey probe)"] = max(one + kept, block + small + 3 * 4 * seqlen * h
+                                                         + decomposition_peak(s, method, prime_ratio))
     return terms
 
 
@@ -304,7 +314,7 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     def terms(tokens: int) -> dict[str, int]:
         windows = min(max(1, tokens // options.seqlen), options.nsamples)  # a chunk holds whole windows
         return device_terms(s, options.method, options.prime_ratio, options.seqlen, windows * options.seqlen, cpu,
-                            _fit(options), survey)
+                            _fit(options), survey, survey and bool(getattr(options, "probe_windows", 0)))
 
     fixed = 0 if cpu else GPU_FIXED
     tokens = options.batch_tokens or DEFAULT_BATCH_TOKENS["cpu" if cpu else "cuda"]
@@ -312,7 +322,7 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     # a block's decompositions need the same memory whatever the chunk: when the device cannot hold
     # them they run on the host (the plain fit; the compensating fit keeps them on the device)
     host_decomp = (not cpu and budget_device is not None and _fit(options) == "plain"
-                   and dev["peak decomposition"] + fixed > budget_device)
+                   and max(v for k, v in dev.items() if k.startswith("peak decomposition")) + fixed > budget_device)
     if not cpu and budget_device is not None and options.batch_tokens is None:
         # largest power-of-two chunk (at least one window) that fits the device budget
         while tokens > options.seqlen and _peak(dev, host_decomp) + fixed > budget_device:
@@ -333,10 +343,14 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     if cpu:
         host["compute (block, chunk, statistics)"] = _peak(dev)
     elif host_decomp:
-        host["decompositions (float64, on the host)"] = dev["peak decomposition"]
+        host["decompositions (float64, on the host)"] = max(v for k, v in dev.items() if k.startswith("peak decomposition"))
     chunk = 4 * tokens * s.hidden
+    probe = getattr(options, "probe_windows", 0) if survey else 0
+    probe_tokens = min(probe, options.nsamples) * options.seqlen
     if survey:
         host["survey (a block's update, one chunk)"] = chunk  # pipeline/survey.py
+    if probe_tokens:  # pipeline/probe.py: one bfloat16 perturbation per layer of the model, clean states
+        host["survey probe (a perturbation per layer)"] = (2 * len(s.layers) * s.blocks + 3 * 4) * probe_tokens * s.hidden
     spill = False
     in_ram = sum(host.values()) + states
     if budget_host is not None and in_ram > budget_host:
@@ -370,6 +384,9 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     flops = passes * forward + covariances * (2 if _fit(options) == "compensate" else 1) + decompositions
     if survey:
         flops += forward + covariances + decompositions  # the survey pass (pipeline/survey.py)
+    if probe_tokens:  # per block on average: half the model's layers' perturbations, its own, the clean run
+        streams = len(s.layers) * (s.blocks + 1) / 2 + 1
+        flops += streams * (2 * s.block_params * probe_tokens + 4 * probe_tokens * options.seqlen * s.attn)
     plan = Plan(device=device.type, batch_tokens=tokens, spill=spill, states_bytes=states, device_parts=dev,
                 host_parts=host, disk_parts=disk, budget_device=budget_device, budget_host=budget_host,
                 flops_per_block=float(flops), problems=problems, decompose_on_host=host_decomp, ranks=ranks)
@@ -393,7 +410,7 @@ def largest_decomposition_share(s: Shapes, marginal: list[int], ranks: int) -> f
 
 def _peak(dev: dict[str, int], without_decomposition: bool = False) -> int:
     return max(v for k, v in dev.items()
-               if k.startswith("peak ") and not (without_decomposition and k == "peak decomposition"))
+               if k.startswith("peak ") and not (without_decomposition and k.startswith("peak decomposition")))
 
 
 def matmul_throughput(device: torch.device, n: int = 2048, seconds: float = 0.5) -> float:

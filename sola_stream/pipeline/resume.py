@@ -16,6 +16,8 @@ See docs/RESUME.md.
 """
 from __future__ import annotations
 
+import math
+
 import hashlib
 import json
 import shutil
@@ -229,13 +231,16 @@ class RunDir:
     def all_states(self, block: int) -> list[Path]:
         return [self.states_path(block, stream, r) for stream in STREAMS for r in range(self.world)]
 
-    def commit_start(self, outer_digest: str, states_sha256: dict, budgets: list[int] | None = None) -> None:
+    def commit_start(self, outer_digest: str, states_sha256: dict, budgets: list[int] | None = None,
+                     importance: list[dict[str, float]] | None = None) -> None:
         """The first block's states are durable (`states_sha256`: SHA-256 by stream, a list by
-        rank in a run of several processes): recorded
-        with the outer tensors' digest and, for a model-wide allocation, every block's budget."""
+        rank in a run of several processes): recorded with the outer tensors' digest and, for a
+        model-wide allocation, every block's budget and its layers' measured importance."""
         self.manifest["outer_sha256"] = outer_digest
         if budgets is not None:
             self.manifest["budgets"] = budgets
+        if importance is not None:
+            self.manifest["importance"] = importance
         self.manifest["states"] = _states_entry(0, states_sha256)
         atomic_write_json(self.dir / MANIFEST, self.manifest)
 
@@ -307,6 +312,11 @@ def _valid_manifest(m) -> bool:
         return False
     budgets = m.get("budgets")
     if budgets is not None and not (isinstance(budgets, list) and all(type(x) is int and x > 0 for x in budgets)):
+        return False
+    weights = m.get("importance")
+    if weights is not None and not (isinstance(weights, list) and all(
+            isinstance(d, dict) and all(isinstance(k, str) and type(v) in (int, float) and math.isfinite(v) and v >= 0
+                                        for k, v in d.items()) for d in weights)):
         return False
     for i, b in enumerate(m["blocks"]):
         if not isinstance(b, dict) or b.get("block") != i or b.get("shard") != block_shard_name(i):

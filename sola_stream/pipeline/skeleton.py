@@ -127,9 +127,38 @@ class Skeleton:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         norm = self.model.get_submodule(self.family.norm_path)
         head = self.model.get_submodule(self.family.head_path)
-        logits = head(norm(hidden))
+        return _capped(head(norm(hidden)), self._cap())
+
+    def _cap(self) -> float | None:
         text = self.config.get_text_config()
-        cap = getattr(text, self.family.logit_softcap, None) if self.family.logit_softcap else None
-        if cap:  # Gemma 2/3: the family's CausalLM applies it after the head
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return getattr(text, self.family.logit_softcap, None) if self.family.logit_softcap else None
+
+    def head_on(self, device) -> "Head":
+        """The final norm and head (float32) on `device`."""
+        norm = copy.deepcopy(self.model.get_submodule(self.family.norm_path)).to(device, torch.float32)
+        head = self.model.get_submodule(self.family.head_path)
+        bias = None if head.bias is None else head.bias.to(device, torch.float32)
+        return Head(norm, head.weight.to(device, torch.float32), bias, self._cap())
+
+
+class Head:
+    """Final norm, head and the family's logit soft cap (Gemma 2/3 apply it after the head)."""
+
+    def __init__(self, norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, cap: float | None):
+        self.norm, self.weight, self.bias, self.cap = norm, weight, bias, cap
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _capped(torch.nn.functional.linear(self.norm(hidden.float()), self.weight, self.bias), self.cap)
+
+    @torch.no_grad()
+    def logits_at(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Logits of tokens `ids` only (positions x K): K rows of the head per position."""
+        u = self.norm(hidden.float())
+        z = torch.einsum("...h,...kh->...k", u, self.weight[ids])
+        return _capped(z if self.bias is None else z + self.bias[ids], self.cap)
+
+
+def _capped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """The family's logit soft cap (Gemma 2/3: its CausalLM applies it after the head)."""
+    return logits if not cap else torch.tanh(logits / cap) * cap

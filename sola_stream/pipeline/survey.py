@@ -8,12 +8,14 @@ of all blocks (method/allocate.py) then gives each block its parameter budget; t
 pass allocates inside each block on its own statistics within that budget. The budgets are
 recorded in the run manifest, so a resumed run uses the same.
 
-Across blocks a layer's relative error is not worth the same everywhere: a block whose update
-is small against the residual stream it adds to (||h_out - h_in||^2 / ||h_in||^2, mean over
-tokens) passes a relative error of its layers on as a small relative error of the stream. Each
-candidate's gains are weighted by its block's relative update, which restates them relative to
-the stream. Unweighted, the model-wide allocation starved the first and last blocks and lost to
-the per-block one (docs/BENCHMARKS.md).
+Across blocks a layer's error is not worth the same everywhere. By default the survey measures
+what it is worth (pipeline/probe.py, `--probe-windows`): the KL divergence of the model's
+predictions per unit of the layer's whitened error, and every rank's gain is weighted by it, in
+the survey's allocation and in the compressing pass's (the weights are recorded in the manifest
+beside the budgets). With `--probe-windows 0` a cheaper heuristic stands in: a layer's relative
+error counts in proportion to its block's relative update of the residual stream
+(||h_out - h_in||^2 / ||h_in||^2, mean over tokens); unweighted, the model-wide allocation starved
+the first and last blocks and lost to the per-block one (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from sola_stream.pipeline.block_forward import BlockStats, _to
 from sola_stream.pipeline.distributed import SINGLE, Ranks
 from sola_stream.errors import InputError
 from sola_stream.pipeline.memory import to_host
+from sola_stream.pipeline.probe import Probe, importance
 from sola_stream.storage.input_checks import check_finite_tensors
 from sola_stream.phases import phase
 
@@ -38,11 +41,13 @@ from sola_stream.phases import phase
 @dataclass
 class Survey:
     """Every block's candidates (energies, weighted), and its fixed and dense parameters: what a
-    model-wide allocation needs, for any ratio (shared by the outputs of a multi-ratio run)."""
+    model-wide allocation needs, for any ratio (shared by the outputs of a multi-ratio run);
+    `importance`: each block's measured layer weights (None without a probe)."""
 
     candidates: list[Candidate]
     fixed: list[int]
     dense: list[int]
+    importance: list[dict[str, float]] | None = None
 
     def budgets(self, ratio: float) -> list[int]:
         """Per-block parameter budgets (block linear weights) that remove `ratio` of the model's."""
@@ -64,8 +69,13 @@ def survey(skeleton, states: torch.Tensor, kwargs: dict[int, dict], options, dev
     (a spilled cache drops its pages window by window in every pass). `ranks`: each holds its
     share of the windows; statistics and updates are summed, spectra shared out."""
     family, n = skeleton.family, skeleton.num_blocks
-    candidates: list[Candidate] = []
+    found: list[tuple[int, Candidate, float]] = []  # block, candidate, its block's relative update
     fixed, dense = [0] * n, [0] * n
+    # the probe runs on the first process alone, on the first windows of the run (its share
+    # starts there): the same windows, the same weights as one process would measure
+    windows = getattr(options, "probe_windows", 0)
+    probing = bool(windows)
+    probe = Probe(states[:windows]) if probing and ranks.rank == 0 else None
     for i in tqdm(range(n), desc="survey", unit="block", disable=not progress):
         prefix = family.block_prefix(i)
         weights = skeleton.reader.tensors(prefix)
@@ -79,19 +89,31 @@ def survey(skeleton, states: torch.Tensor, kwargs: dict[int, dict], options, dev
                 lambda b=block: _propagate(b, states, kwargs[i], device, batch, release, i, prefix))))
             update = total / max(count, 1)
             stats.remove()
-            del block
             ranks.sum_statistics(stats.cov, stats.abs_sum, stats.tokens)
             covs, scores = stats.cov, stats.neuron_scores()
             if getattr(options, "decompose_on", "device") == "host":  # the plan found the device too small
                 covs, scores = to_host(covs), to_host(scores)
-            # ranks for ratio 0 are computed and ignored: only the spectra and the split are used
-            layout = Layout(weights, covs, scores, family, options.method, 0.0, options.prime_ratio, values_only=True,
-                            spread=ranks.spread())
+            # ranks for ratio 0 are computed and ignored: only the spectra and the split are used. A
+            # probe cuts every layer, so its process factors all of them (no spread)
+            layout = Layout(weights, covs, scores, family, options.method, 0.0, options.prime_ratio,
+                            values_only=probe is None, spread=None if probing else ranks.spread())
+            if probing:
+                with phase("probe"):
+                    ranks.first(lambda: probe.block(i, block, layout, weights, kwargs[i], device))
+            del block
         fixed[i], dense[i] = layout.fixed, layout.dense_params
-        for c in layout.candidates:  # relative error of a layer, restated relative to the residual stream
-            candidates.append(Candidate(f"{i}:{c.name}", c.m, c.n, c.energy.cpu(), update))
+        found += [(i, Candidate(f"{i}:{c.name}", c.m, c.n, c.energy.cpu()), update) for c in layout.candidates]
         del layout, stats, weights
-    return Survey(candidates, fixed, dense)
+    if not probing:  # a layer's relative error, restated relative to the residual stream
+        for _, c, update in found:
+            c.weight = update / (float(c.energy.double().clamp_min(0).sum()) or 1.0)
+        return Survey([c for _, c, _ in found], fixed, dense)
+    with phase("probe"):
+        weights_of = ranks.first(lambda: importance(probe.finish(skeleton, device)))
+    per_block: list[dict[str, float]] = [{} for _ in range(n)]
+    for i, c, _ in found:
+        c.weight = per_block[i][c.name.split(":", 1)[1]] = weights_of[c.name]
+    return Survey([c for _, c, _ in found], fixed, dense, per_block)
 
 @contextmanager
 def _naming(i: int, prefix: str):
