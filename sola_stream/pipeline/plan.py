@@ -322,7 +322,7 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     # a block's decompositions need the same memory whatever the chunk: when the device cannot hold
     # them they run on the host (the plain fit; the compensating fit keeps them on the device)
     host_decomp = (not cpu and budget_device is not None and _fit(options) == "plain"
-                   and max(v for k, v in dev.items() if k.startswith("peak decomposition")) + fixed > budget_device)
+                   and _decomposition(dev) + fixed > budget_device)
     if not cpu and budget_device is not None and options.batch_tokens is None:
         # largest power-of-two chunk (at least one window) that fits the device budget
         while tokens > options.seqlen and _peak(dev, host_decomp) + fixed > budget_device:
@@ -343,7 +343,7 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     if cpu:
         host["compute (block, chunk, statistics)"] = _peak(dev)
     elif host_decomp:
-        host["decompositions (float64, on the host)"] = max(v for k, v in dev.items() if k.startswith("peak decomposition"))
+        host["decompositions (float64, on the host)"] = _decomposition(dev)
     chunk = 4 * tokens * s.hidden
     probe = getattr(options, "probe_windows", 0) if survey else 0
     probe_tokens = min(probe, options.nsamples) * options.seqlen
@@ -406,6 +406,11 @@ def largest_decomposition_share(s: Shapes, marginal: list[int], ranks: int) -> f
     costs = {str(k): decomposition_cost(m, n, n) for k, (m, n) in enumerate(s.factored_dims(marginal))}
     load = Spread(Ranks(0, ranks)).assign(costs)
     return max(load) / sum(load)
+
+
+def _decomposition(dev: dict[str, int]) -> int:
+    """The device peak of the steps that move to the host with the decompositions."""
+    return max(v for k, v in dev.items() if k.startswith("peak decomposition"))
 
 
 def _peak(dev: dict[str, int], without_decomposition: bool = False) -> int:

@@ -89,6 +89,8 @@ def survey(skeleton, states: torch.Tensor, kwargs: dict[int, dict], options, dev
                 lambda b=block: _propagate(b, states, kwargs[i], device, batch, release, i, prefix))))
             update = total / max(count, 1)
             stats.remove()
+            if probe is None:  # freed before the decompositions (the probe needs it after them)
+                del block
             ranks.sum_statistics(stats.cov, stats.abs_sum, stats.tokens)
             covs, scores = stats.cov, stats.neuron_scores()
             if getattr(options, "decompose_on", "device") == "host":  # the plan found the device too small
@@ -100,7 +102,8 @@ def survey(skeleton, states: torch.Tensor, kwargs: dict[int, dict], options, dev
             if probing:
                 with phase("probe"):
                     ranks.first(lambda: probe.block(i, block, layout, weights, kwargs[i], device))
-            del block
+            if probe is not None:
+                del block
         fixed[i], dense[i] = layout.fixed, layout.dense_params
         found += [(i, Candidate(f"{i}:{c.name}", c.m, c.n, c.energy.cpu()), update) for c in layout.candidates]
         del layout, stats, weights
