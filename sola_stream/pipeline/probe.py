@@ -72,13 +72,12 @@ class Probe:
             h = clean[s:s + _TOKENS].to(device)
             logits = head.logits(h)
             ids = logits.topk(min(TOP_K, logits.shape[-1]), dim=-1).indices
-            chunks.append((ids, torch.log_softmax(head.logits_at(h, ids), -1)))
+            chunks.append((s, h, ids, torch.log_softmax(head.logits_at(h, ids), -1)))
         out = {}
         for key, delta in self.deltas.items():
             flat, kl = delta.flatten(0, 1), 0.0
-            for (ids, clean_lp), s in zip(chunks, range(0, clean.shape[0], _TOKENS)):
-                h = clean[s:s + _TOKENS].to(device) + flat[s:s + _TOKENS].to(device, torch.float32)
-                lp = torch.log_softmax(head.logits_at(h, ids), -1)
+            for s, h, ids, clean_lp in chunks:  # the clean states moved to the device once, not per layer
+                lp = torch.log_softmax(head.logits_at(h + flat[s:s + _TOKENS].to(device, torch.float32), ids), -1)
                 kl += float((clean_lp.exp() * (clean_lp - lp)).sum())
             out[key] = (kl, self.dropped[key], clean.shape[0])
         return out

@@ -16,10 +16,9 @@ See docs/RESUME.md.
 """
 from __future__ import annotations
 
-import math
-
 import hashlib
 import json
+import math
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
