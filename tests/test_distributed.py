@@ -127,11 +127,15 @@ def test_two_ranks_compress_as_one_process(three_blocks, tmp_path, allocation):
 
 
 def test_a_stop_asked_of_one_rank_stops_both_and_resumes(three_blocks, tmp_path):
-    """SIGTERM to rank 1 alone after block 0: both ranks stop after block 0 is committed (exit 75),
-    the run resumes with two ranks into the bytes of an uninterrupted run; one rank is refused."""
+    """SIGTERM to rank 1 alone in the survey's first block: both ranks stop there (exit 75);
+    rerun, SIGTERM to rank 1 alone after block 0: both ranks stop after block 0 is committed, the
+    run resumes with two ranks into the bytes of an uninterrupted run; one rank is refused."""
     full = launch(three_blocks, tmp_path / "full")
     assert [rc for rc, _ in full] == [0, 0], full
     out = tmp_path / "out"
+    stopped = launch(three_blocks, out, env_by_rank={1: {"SOLA_STREAM_CRASH_AT": "survey_block:1:TERM"}})
+    assert [rc for rc, _ in stopped] == [75, 75], stopped
+    assert "stopped in the survey pass after block 0 of 3" in stopped[0][1]
     stopped = launch(three_blocks, out, env_by_rank={1: {"SOLA_STREAM_CRASH_AT": "block_compressed:1:TERM"}})
     assert [rc for rc, _ in stopped] == [75, 75], stopped
     assert "SIGTERM received" in stopped[1][1] and "stopped after block 0 of 3" in stopped[0][1]

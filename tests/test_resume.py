@@ -10,9 +10,12 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import make_tiny, output_hashes
 from sola_stream.storage.runlog import read_log
+from sola_stream.pipeline.options import CompressOptions
+from sola_stream.pipeline.plan import make_plan
 from sola_stream.pipeline.resume import LOCK, RUN_DIR
 from sola_stream.pipeline.stop import EXIT_INTERRUPTED
 
@@ -129,6 +132,36 @@ def test_sigterm_stops_at_safe_point_and_resumes(model4, reference, tmp_path):
     # the model-wide allocation may keep a block dense; the model as a whole is compressed
     assert all(0 < e["kept_fraction"] <= 1 for e in blocks) and min(e["kept_fraction"] for e in blocks) < 1
     assert set(block["layers"]) == set(block["whitened_error"]) and "mlp.down_proj" in block["layers"]
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_sigterm_in_the_survey_stops_there_and_resumes(model4, reference, tmp_path, spill):
+    """A stop request during the survey pass (--allocation global, the default) is obeyed after
+    the survey's current block, not after the survey: exit 75, nothing committed, and the rerun
+    (which surveys again) writes the uninterrupted run's bytes. In RAM and with a spilled cache."""
+    out = tmp_path / "out"
+    extra = ["--max-host-memory", f"{_spill_budget(model4):.9f}"] if spill else []
+    r = cli(model4, out, *extra, crash="survey_block:2:TERM")
+    assert r.returncode == EXIT_INTERRUPTED, r.stderr
+    assert "stopped in the survey pass after block 1 of 4" in r.stderr and "error" not in r.stderr
+    manifest = json.loads((out / RUN_DIR / "manifest.json").read_text())
+    assert manifest["blocks"] == [] and manifest["states"] is None
+    assert [e["event"] for e in read_log(out)] == ["start", "stopped"] and read_log(out)[-1]["survey_block"] == 1
+    r = cli(model4, out, *extra)
+    assert r.returncode == 0, r.stderr
+    assert ("cache spilled to disk" in r.stdout) == spill
+    assert hashes(out) == reference
+
+
+def _spill_budget(model) -> float:
+    """A host budget (GiB) that spills the calibration cache of ARGS's run to disk: a sixth of the
+    cache (288 tokens) below what the run needs with it in RAM; spilled, it needs two 96-token chunks."""
+    cfg = json.loads((model / "config.json").read_text())
+    opts = CompressOptions(ratio=0.3, nsamples=6, seqlen=48, batch_tokens=96)
+    in_ram = make_plan(cfg, opts, torch.device("cpu"), budget_host=2**40)
+    budget = in_ram.peak_host - in_ram.states_bytes // 6
+    assert not in_ram.spill and make_plan(cfg, opts, torch.device("cpu"), budget_host=budget).spill
+    return budget / 2**30
 
 
 def test_rerun_of_finished_output_is_a_no_op_and_other_options_refused(model4, reference, tmp_path):

@@ -171,7 +171,8 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
                     budgets = importance = None
                     if options.allocation == "global":  # the survey overwrites the states: embedded again
                         budgets, importance = _budgets(skeleton, target, kwargs, options, device, batch, cache,
-                                                       progress, log, shared, ranks)
+                                                       progress, log, shared, ranks,
+                                                       lambda i: _obey(stop, ranks, run, log, out_dir, i, n, survey=True))
                         embed_windows(skeleton, windows, batch, target, cache.main.release)
                     states = _merged(ranks.check(cache.take_first()))
                     ranks.first(lambda: run.commit_start(outer, states, budgets, importance))
@@ -210,14 +211,8 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
                                                 (lambda: states) if persist else None,
                                                 lambda: log.write("block", **record)))
                 bar.set_postfix(kept=f"{result.kept_params / result.dense_params:.3f}")
-                if ranks.agree(stop.requested) and not last:  # a stop asked of any rank is every rank's
-                    commits.wait()
-                    bar.close()
-                    if log:
-                        (run.dir / STOP_FILE).unlink(missing_ok=True)  # obeyed: the resumed run goes on
-                        log.write("stopped", after_block=i)
-                    raise Interrupted(f"{out_dir}: stopped after block {i} of {n} (blocks 0..{i} are committed); "
-                                      "run the same command again to resume")
+                if not last:
+                    _obey(stop, ranks, run, log, out_dir, i, n, before=lambda: (commits.wait(), bar.close()))
             commits.wait()
             if keep_final_states and start < n:
                 final = cache.main.source.clone()  # this rank's windows
@@ -226,6 +221,25 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
             cache.close()
         ranks.first(lambda: _finish(run, out_dir, options, calib_desc, reader, skeleton, tokenizer, fp, log, t0))
     return summarize(out_dir, start=start, final_states=final, **summary)
+
+
+def _obey(stop: GracefulStop, ranks: Ranks, run: RunDir, log: RunLog | None, out_dir: Path, i: int, n: int,
+          survey: bool = False, before=None) -> None:
+    """A stop asked of any rank is every rank's (a collective: every rank calls it at the same
+    point): after block i of the compressing pass, or of the survey pass (`survey`: nothing is
+    committed yet, and the resumed run surveys again from the first block)."""
+    if not ranks.agree(stop.requested):
+        return
+    if before is not None:
+        before()
+    if log:
+        (run.dir / STOP_FILE).unlink(missing_ok=True)  # obeyed: the resumed run goes on
+        log.write("stopped", **({"survey_block": i} if survey else {"after_block": i}))
+    if survey:
+        raise Interrupted(f"{out_dir}: stopped in the survey pass after block {i} of {n} (no block is committed "
+                          "yet; the survey starts over); run the same command again to resume")
+    raise Interrupted(f"{out_dir}: stopped after block {i} of {n} (blocks 0..{i} are committed); "
+                      "run the same command again to resume")
 
 
 def _verify(run: RunDir, start: int, outer: str, reader: CheckpointReader, family, progress: bool, log,
@@ -370,7 +384,8 @@ def _plain(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: 
 
 
 def _budgets(skeleton: Skeleton, states: torch.Tensor, kwargs: dict, options: CompressOptions, device, batch: int,
-             cache: Streams, progress: bool, log: RunLog | None, shared: dict | None, ranks: Ranks) -> list[int]:
+             cache: Streams, progress: bool, log: RunLog | None, shared: dict | None, ranks: Ranks,
+             after_block=None) -> list[int]:
     """Block budgets of the model-wide allocation; the survey is taken from `shared` when an
     earlier output of the same multi-ratio run made it (else made, and left there)."""
     t0 = time.time()
@@ -381,7 +396,7 @@ def _budgets(skeleton: Skeleton, states: torch.Tensor, kwargs: dict, options: Co
             found, seconds = shared["survey"], 0.0
         else:
             found = survey(skeleton, states, kwargs, options, device, batch, cache.main.release, cache.begin_pass,
-                           progress, ranks)
+                           progress, ranks, after_block)
             seconds = round(time.time() - t0, 3)
             if shared is not None:
                 shared["survey"] = found

@@ -1,4 +1,5 @@
-"""Graceful stop: SIGTERM/SIGINT set a flag that the block loop checks at safe points.
+"""Graceful stop: SIGTERM/SIGINT set a flag that the block loops (survey and compressing pass)
+check at safe points.
 
 The first signal is acknowledged on stderr at once (a scheduler's log then shows that the job
 heard it); a second one stops immediately (the last committed block still resumes).
@@ -44,8 +45,8 @@ class GracefulStop:
         self._signalled = True
         name = signal.Signals(signum).name
         # os.write: no buffered I/O inside a signal handler
-        os.write(2, f"sola-stream: {name} received; stopping after the current block is committed "
-                    f"(send it again to stop at once)\n".encode())
+        os.write(2, f"sola-stream: {name} received; stopping after the current block (of the survey or the "
+                    f"compressing pass; send it again to stop at once)\n".encode())
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from sola_stream import faults
 from sola_stream.method.allocate import Candidate, allocate, factored_params
 from sola_stream.method.block_compress import Layout
 from sola_stream.nn.build import build_block
@@ -63,11 +64,13 @@ class Survey:
 
 @torch.no_grad()
 def survey(skeleton, states: torch.Tensor, kwargs: dict[int, dict], options, device, batch: int,
-           release=None, begin_pass=None, progress: bool = True, ranks: Ranks = SINGLE) -> Survey:
+           release=None, begin_pass=None, progress: bool = True, ranks: Ranks = SINGLE,
+           after_block=None) -> Survey:
     """The survey pass (module docstring). `states` (the first block's inputs) are overwritten
     block by block; `release(k)` once windows before k are done, `begin_pass()` before each block
     (a spilled cache drops its pages window by window in every pass). `ranks`: each holds its
-    share of the windows; statistics and updates are summed, spectra shared out."""
+    share of the windows; statistics and updates are summed, spectra shared out. `after_block(i)`
+    is called on every rank after each block: where a stop request is obeyed (it raises)."""
     family, n = skeleton.family, skeleton.num_blocks
     found: list[tuple[int, Candidate, float]] = []  # block, candidate, its block's relative update
     fixed, dense = [0] * n, [0] * n
@@ -76,7 +79,8 @@ def survey(skeleton, states: torch.Tensor, kwargs: dict[int, dict], options, dev
     windows = getattr(options, "probe_windows", 0)
     probing = bool(windows)
     probe = Probe(states[:windows]) if probing and ranks.rank == 0 else None
-    for i in tqdm(range(n), desc="survey", unit="block", disable=not progress):
+    bar = tqdm(range(n), desc="survey", unit="block", disable=not progress)
+    for i in bar:
         prefix = family.block_prefix(i)
         weights = skeleton.reader.tensors(prefix)
         check_finite_tensors(weights, skeleton.reader, prefix)
@@ -107,6 +111,13 @@ def survey(skeleton, states: torch.Tensor, kwargs: dict[int, dict], options, dev
         fixed[i], dense[i] = layout.fixed, layout.dense_params
         found += [(i, Candidate(f"{i}:{c.name}", c.m, c.n, c.energy.cpu()), update) for c in layout.candidates]
         del layout, stats, weights
+        faults.hit("survey_block")
+        if after_block is not None:
+            try:
+                after_block(i)
+            except BaseException:
+                bar.close()  # the stop message starts on a line of its own
+                raise
     if not probing:  # a layer's relative error, restated relative to the residual stream
         for _, c, update in found:
             c.weight = update / (float(c.energy.double().clamp_min(0).sum()) or 1.0)
