@@ -19,7 +19,8 @@ def compress(model, output, *, ratio: float = 0.2, method: str = "sola", overwri
     """Compress `model` (checkpoint directory or hub id) into `output`; an interrupted run resumes.
 
     `options` are the CLI's compress options as keywords (prime_ratio, ratio_of, calib, nsamples,
-    seqlen, seed, device, propagate, batch_tokens, max_gpu_memory, max_host_memory, threads).
+    seqlen, seed, device, propagate, batch_tokens, max_gpu_memory, max_host_memory, threads;
+    prime_choices=(...) is the CLI's `--prime-ratio auto` with a chosen set of splits).
     Returns an engine.Summary (achieved ratios, seconds, peak memory, ...)."""
     from sola_stream.pipeline.engine import CompressOptions, compress as _compress
 

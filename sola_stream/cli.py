@@ -11,6 +11,7 @@ from pathlib import Path
 from sola_stream import __version__
 from sola_stream.storage.calibration import DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN
 from sola_stream.errors import InputError, SolaError
+from sola_stream.pipeline.prime_split import AUTO_CHOICES
 from sola_stream.pipeline.stop import Interrupted
 
 EPILOG = """exit codes: 0 done; 1 unexpected error (bug: please report with the traceback);
@@ -132,8 +133,11 @@ def _run_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--method", default="sola", choices=["sola", "svd-llm", "svd"],
                    help="sola: prime neurons + whitened SVD + adaptive ranks; svd-llm: whitened SVD, "
                         "uniform ranks; svd: plain truncated SVD, uniform ranks")
-    c.add_argument("--prime-ratio", type=float, default=0.25,
-                   help="fraction of FFN neurons kept dense (sola only)")
+    c.add_argument("--prime-ratio", type=_prime_ratio, default=0.25, metavar="P|auto",
+                   help="fraction of FFN neurons kept dense (sola only; default 0.25); auto: each block "
+                        "compressed at splits " + ", ".join(map(str, AUTO_CHOICES)) + " within its budget "
+                        "and the one whose output is closest to the original block's kept (better quality, "
+                        "longer decompositions; docs/METHOD.md)")
     c.add_argument("--calib", default=None, help="calibration text: file, folder of text files, "
                    "saved datasets folder, or hf:NAME[:CONFIG[:SPLIT]] (default: shipped WikiText-2 valid)")
     c.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES, help="calibration windows")
@@ -147,8 +151,9 @@ def _run_options(c: argparse.ArgumentParser) -> None:
                         "perplexity, 1.7x the time); block: every block keeps the same fraction, one pass "
                         "(sola only; the baselines use uniform ranks; docs/METHOD.md)")
     c.add_argument("--probe-windows", type=int, default=1, metavar="N",
-                   help="calibration windows the survey of --allocation global runs with each layer cut, to "
-                        "measure what its error costs the model's predictions; 0: a cheaper heuristic, "
+                   help="windows (drawn beside the calibration windows, not used for the statistics) that the "
+                        "survey of --allocation global runs with each layer cut, to measure what its error "
+                        "costs the model's predictions; 0: a cheaper heuristic, "
                         "worse perplexity (default: 1; docs/METHOD.md)")
     c.add_argument("--fit", default="plain", choices=["plain", "compensate"],
                    help="plain: fit each layer to its own inputs (the published methods); compensate: fit "
@@ -175,11 +180,21 @@ def _ratios(text: str) -> list[float]:
     return ratios
 
 
+def _prime_ratio(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or auto") from None
+
+
 def _options(args, ratio: float | None = None):
     from sola_stream.pipeline.engine import CompressOptions
 
     return CompressOptions(method=args.method, ratio=args.ratio[0] if ratio is None else ratio, ratio_of=args.ratio_of,
-                           prime_ratio=args.prime_ratio, calib=args.calib,
+                           prime_ratio=CompressOptions.prime_ratio if args.prime_ratio == "auto" else args.prime_ratio,
+                           prime_choices=AUTO_CHOICES if args.prime_ratio == "auto" else (), calib=args.calib,
                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
                            propagate=args.propagate, fit=args.fit,
                            allocation=args.allocation, probe_windows=args.probe_windows,
@@ -260,7 +275,9 @@ def _report(s, opts, mem) -> None:
 
     resumed = f" (resumed at block {s.resumed_at})" if s.resumed_at else ""
     print(f"\nsola-stream compress: done in {s.seconds:.1f} s on {s.device}{resumed}")
-    print(f"  method          {s.method} (prime ratio {opts.prime_ratio if s.method == 'sola' else 0})")
+    prime = ("auto, per block among " + ", ".join(map(str, opts.prime_choices)) if opts.prime_choices else
+             opts.prime_ratio if s.method == "sola" else 0)
+    print(f"  method          {s.method} (prime ratio {prime})")
     if opts.ratio_of == "model":
         print(f"  target ratio    {opts.ratio:.4f} of all model parameters ({s.target_ratio:.4f} of block "
               "linear weights)")

@@ -106,12 +106,14 @@ def three_blocks(tmp_path_factory, tiny_tokenizer):
     return make_tiny("llama", tmp_path_factory.mktemp("dist3") / "llama", tiny_tokenizer, num_hidden_layers=3)
 
 
-@pytest.mark.parametrize("allocation", ["global", "block"])
-def test_two_ranks_compress_as_one_process(three_blocks, tmp_path, allocation):
+@pytest.mark.parametrize("flags", [("--allocation", "global"), ("--allocation", "block"),
+                                   ("--allocation", "global", "--prime-ratio", "auto")])
+def test_two_ranks_compress_as_one_process(three_blocks, tmp_path, flags):
     """The output of two ranks is one process's to the float32 order of the statistics' sums (and
-    bf16 storage); the same ranks everywhere; rank 0 alone wrote the output."""
-    single(three_blocks, tmp_path / "one", "--allocation", allocation)
-    ranks = launch(three_blocks, tmp_path / "two", "--allocation", allocation)
+    bf16 storage); the same ranks (and with --prime-ratio auto, the same splits: the first rank
+    measures them) everywhere; rank 0 alone wrote the output."""
+    single(three_blocks, tmp_path / "one", *flags)
+    ranks = launch(three_blocks, tmp_path / "two", *flags)
     assert [rc for rc, _ in ranks] == [0, 0], ranks
     one, two = (json.loads((tmp_path / d / "config.json").read_text())["sola"] for d in ("one", "two"))
     assert [b["layers"] for b in one["blocks"]] == [b["layers"] for b in two["blocks"]]

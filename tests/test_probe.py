@@ -164,3 +164,32 @@ def test_a_layer_no_probe_token_reached_counts_as_its_blocks_most_important():
     w = importance(totals)
     assert w["0:a"] == pytest.approx(0.05) and w["0:c"] == pytest.approx(0.3) and w["1:a"] == pytest.approx(0.1)
     assert w["0:b"] == w["0:c"] and w["1:b"] == w["1:a"]  # unreached (or nothing to drop): the block's top
+
+
+def test_the_probe_measures_windows_the_statistics_never_saw(tiny_models, tmp_path, monkeypatch):
+    """The probe's windows are the next ones of the seeded draw after the calibration windows:
+    its states are those windows' embeddings, none of the calibration windows' (measured on
+    SmolLM2, 36.2 against 36.8 when the probe reused a calibration window: docs/BENCHMARKS.md)."""
+    import sola_stream.pipeline.survey as survey_module
+    from sola_stream.pipeline.engine import TOKENIZE_PIECE_CHARS, load_tokenizer
+
+    path = tiny_models["llama"]
+    seen = []
+
+    class Recording(Probe):
+        def __init__(self, windows):
+            seen.append(windows.clone())
+            super().__init__(windows)
+
+    monkeypatch.setattr(survey_module, "Probe", Recording)
+    opts = CompressOptions(nsamples=4, seqlen=64, batch_tokens=128, allocation="global", probe_windows=2,
+                           calib=str(CALIB_TEXT), device="cpu")
+    compress(str(path), str(tmp_path / "out"), opts, progress=False)
+    skeleton = Skeleton(CheckpointReader(path))
+    text, _ = read_calibration_text(str(CALIB_TEXT))
+    ids = tokenize(load_tokenizer(path, skeleton.config), text, False, TOKENIZE_PIECE_CHARS)
+    drawn = calibration_windows(ids, 6, 64, opts.seed, "test")
+    assert torch.equal(drawn[:4], calibration_windows(ids, 4, 64, opts.seed, "test"))  # the same calibration
+    assert len(seen) == 1 and torch.equal(seen[0], skeleton.embed(drawn[4:])[0])
+    calibration = skeleton.embed(drawn[:4])[0]
+    assert not any(torch.equal(p, c) for p in seen[0] for c in calibration)

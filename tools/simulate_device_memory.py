@@ -276,7 +276,8 @@ def simulate(cfg: dict, options: CompressOptions, gpu_cap_gib: float, blocks: in
         kwargs = engine.embed_windows(skeleton, windows, batch, target)[1]
         budgets = None
         if options.allocation == "global" and options.method == "sola":
-            found = survey(skeleton, target, kwargs, options, GPU, batch, progress=False)
+            probe_ids = torch.zeros((options.probe_windows, options.seqlen), dtype=torch.long)
+            found = survey(skeleton, target, kwargs, probe_ids, options, GPU, batch, progress=False)
             budgets = found.budgets(options.ratio)
         streams.take_first()
         commits = Background("commit")

@@ -46,7 +46,7 @@ def summary_dict(path: str) -> dict:
         "path": str(path),
         "method": sola["method"],
         "target_ratio": sola["ratio"],
-        "prime_ratio": sola["prime_ratio"],
+        "prime_ratio": "auto" if sola.get("prime_choices") else sola["prime_ratio"],
         "achieved_ratio_blocks": sola["achieved_ratio_blocks"],
         "achieved_ratio_model": sola["achieved_ratio_model"],
         "propagate": sola.get("propagate"),

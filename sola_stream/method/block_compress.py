@@ -30,6 +30,7 @@ class BlockResult:
     error: dict[str, float]  # per layer: dropped fraction of its whitened output energy
     damping: dict[str, float]
     starved: list[str]  # layers kept dense: no calibration token reached them (an unrouted expert)
+    prime_split: float | None = None  # the split chosen for this block (--prime-ratio auto)
 
 
 def stacked(index: torch.Tensor, count: int, chunks: int) -> torch.Tensor:

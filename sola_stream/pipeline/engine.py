@@ -39,6 +39,7 @@ from sola_stream.pipeline.paired import compress_compensated
 from sola_stream.phases import phase
 from sola_stream.pipeline.state_cache import StateCache, Streams
 from sola_stream.pipeline.survey import survey
+from sola_stream.pipeline.prime_split import WINDOWS as SPLIT_WINDOWS, choose_split
 from sola_stream.pipeline.block_forward import BlockStats, run_block
 
 
@@ -126,8 +127,11 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
                       decompose_on="host" if plan.decompose_on_host else "device")
     tokenizer = load_tokenizer(reader.path, skeleton.config)
     text, calib_desc = read_calibration_text(options.calib)
-    windows = calibration_windows(tokenize(tokenizer, text, False, TOKENIZE_PIECE_CHARS), options.nsamples,
-                                  options.seqlen, options.seed, calib_desc)
+    # the survey's probe windows are drawn after the calibration windows and kept out of the
+    # statistics: measured on windows the factors were not fitted to (pipeline/probe.py)
+    windows = calibration_windows(tokenize(tokenizer, text, False, TOKENIZE_PIECE_CHARS),
+                                  options.nsamples + options.probe_windows, options.seqlen, options.seed, calib_desc)
+    windows, probe_ids = windows[:options.nsamples], windows[options.nsamples:]
     share = ranks.share(len(windows))
     windows = windows[share.start:share.stop]  # this rank's windows (all of them in one process)
     calib_sha256 = text_hash(text)
@@ -171,7 +175,7 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
                     budgets = importance = None
                     if options.allocation == "global":  # the survey overwrites the states: embedded again
                         budgets, importance = _budgets(skeleton, target, kwargs, options, device, batch, cache,
-                                                       progress, log, shared, ranks,
+                                                       progress, log, shared, ranks, probe_ids,
                                                        lambda i: _obey(stop, ranks, run, log, out_dir, i, n, survey=True))
                         embed_windows(skeleton, windows, batch, target, cache.main.release)
                     states = _merged(ranks.check(cache.take_first()))
@@ -375,17 +379,35 @@ def _plain(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: 
     covs, scores = stats.cov, stats.neuron_scores()
     if options.decompose_on == "host":  # the plan found the device too small for them
         covs, scores = to_host(covs), to_host(scores)
+    def fit(split: float, covs=covs) -> BlockResult:
+        return compress_block(weights, covs, scores, family, options.method, options.ratio, split, storage, budget,
+                              spread=ranks.spread(), importance=importance)
+
     try:
-        return compress_block(weights, covs, scores, family, options.method,
-                              options.ratio, options.prime_ratio, storage, budget, spread=ranks.spread(),
-                              importance=importance)
+        if not options.prime_choices:
+            return fit(options.prime_ratio)
+        # each candidate gets its own view of the statistics (a fit pops the ones it uses once)
+        result, split, _ = choose_split(
+            options.prime_choices, lambda s: fit(s, dict(covs)),
+            lambda tensors, specs: build_block(skeleton.meta_block(i), tensors if specs else weights, specs, device,
+                                               torch.float32),
+            cache.source[:_first_windows(ranks, options.nsamples, SPLIT_WINDOWS)], kwargs, device, batch, ranks)
+        result.prime_split = split
+        return result
     except ValueError as exc:
         raise InputError(f"block {i} ({prefix}*): {exc}") from None
 
 
+def _first_windows(ranks: Ranks, windows: int, first: int) -> int:
+    """How many of the run's first `first` calibration windows are this process's (its share
+    of `windows` starts at its own first window)."""
+    share = ranks.share(windows)
+    return max(0, min(share.stop, first) - share.start)
+
+
 def _budgets(skeleton: Skeleton, states: torch.Tensor, kwargs: dict, options: CompressOptions, device, batch: int,
              cache: Streams, progress: bool, log: RunLog | None, shared: dict | None, ranks: Ranks,
-             after_block=None) -> list[int]:
+             probe_ids: torch.Tensor, after_block=None) -> list[int]:
     """Block budgets of the model-wide allocation; the survey is taken from `shared` when an
     earlier output of the same multi-ratio run made it (else made, and left there)."""
     t0 = time.time()
@@ -395,8 +417,8 @@ def _budgets(skeleton: Skeleton, states: torch.Tensor, kwargs: dict, options: Co
         if reused:
             found, seconds = shared["survey"], 0.0
         else:
-            found = survey(skeleton, states, kwargs, options, device, batch, cache.main.release, cache.begin_pass,
-                           progress, ranks, after_block)
+            found = survey(skeleton, states, kwargs, probe_ids, options, device, batch, cache.main.release,
+                           cache.begin_pass, progress, ranks, after_block)
             seconds = round(time.time() - t0, 3)
             if shared is not None:
                 shared["survey"] = found

@@ -44,6 +44,9 @@ class CompressOptions:
     ratio: float = 0.2
     ratio_of: str = "blocks"  # "blocks": of the block linear weights; "model": of all parameters
     prime_ratio: float = 0.25  # measured best on SmolLM2 at 20% and 30% (docs/BENCHMARKS.md, ablations)
+    # splits each block chooses among by measuring its output (--prime-ratio auto; pipeline/prime_split.py);
+    # empty: every block at prime_ratio. The survey of --allocation global runs at prime_ratio
+    prime_choices: tuple[float, ...] = ()
     calib: str | None = None
     nsamples: int = DEFAULT_NSAMPLES
     seqlen: int = DEFAULT_SEQLEN
@@ -75,6 +78,12 @@ class CompressOptions:
             raise InputError(f"--ratio-of: {self.ratio_of!r} is not blocks or model")
         if not 0.0 <= self.prime_ratio < 1.0:
             raise InputError(f"--prime-ratio: {self.prime_ratio} is out of range [0, 1)")
+        if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0.0 <= c < 1.0
+                   for c in self.prime_choices):
+            raise InputError(f"prime_choices: {self.prime_choices} are not numbers in [0, 1)")
+        self.prime_choices = tuple(sorted({float(c) for c in self.prime_choices}))
+        if self.prime_choices and self.fit == "compensate":
+            raise InputError("--prime-ratio auto needs --fit plain (the compensating fit uses one split)")
         if self.fit not in FITS:
             raise InputError(f"--fit: {self.fit!r} is not one of {', '.join(FITS)}")
         if self.fit == "compensate" and self.method == "svd":
@@ -83,6 +92,7 @@ class CompressOptions:
             raise InputError(f"--allocation: {self.allocation!r} is not one of {', '.join(ALLOCATIONS)}")
         if self.method != "sola":
             self.allocation = "block"  # the baselines' uniform ranks: nothing to allocate
+            self.prime_choices = ()  # and no prime neurons
         if type(self.probe_windows) is not int or self.probe_windows < 0:
             raise InputError(f"--probe-windows: {self.probe_windows!r} is not a whole number >= 0")
         if self.allocation == "block":
@@ -107,6 +117,11 @@ class CompressOptions:
         """The run carries the original model's states beside the compressed model's."""
         return self.fit == "compensate" and self.propagate == "compressed"
 
+    @property
+    def smallest_prime_ratio(self) -> float:
+        """The split with the most marginal neurons this run may factor (what the plan sizes)."""
+        return min((self.prime_ratio, *self.prime_choices))
+
     def resolved_device(self) -> torch.device:
         return check_device(self.device)
 
@@ -127,4 +142,8 @@ class CompressOptions:
             opts.pop("probe_windows")
         if self.method != "sola":
             opts["prime_ratio"] = 0.0
+        if not self.prime_choices:  # earlier versions' fingerprints
+            opts.pop("prime_choices")
+        else:
+            opts["prime_choices"] = list(self.prime_choices)
         return opts

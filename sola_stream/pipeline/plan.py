@@ -21,6 +21,7 @@ import torch
 
 from sola_stream.errors import InputError
 from sola_stream.families import family_for_dict, meta_model, transformers_config
+from sola_stream.pipeline.prime_split import WINDOWS as SPLIT_WINDOWS
 
 GIB = 2**30
 RUNTIME_HOST = int(0.5 * GIB)  # torch, transformers, tokenizer, skeleton: measured 0.42 GiB peak on a tiny model
@@ -313,7 +314,7 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
 
     def terms(tokens: int) -> dict[str, int]:
         windows = min(max(1, tokens // options.seqlen), options.nsamples)  # a chunk holds whole windows
-        return device_terms(s, options.method, options.prime_ratio, options.seqlen, windows * options.seqlen, cpu,
+        return device_terms(s, options.method, options.smallest_prime_ratio, options.seqlen, windows * options.seqlen, cpu,
                             _fit(options), survey, survey and bool(getattr(options, "probe_windows", 0)))
 
     fixed = 0 if cpu else GPU_FIXED
@@ -345,6 +346,10 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     elif host_decomp:
         host["decompositions (float64, on the host)"] = _decomposition(dev)
     chunk = 4 * tokens * s.hidden
+    if options.prime_choices and options.method == "sola":  # pipeline/prime_split.py: the best so far beside
+        # the candidate, and both blocks' outputs on the windows they are compared on
+        host["prime split choice (a second compressed block, outputs)"] = (
+            weights + 2 * 4 * min(SPLIT_WINDOWS, options.nsamples) * options.seqlen * s.hidden)
     probe = getattr(options, "probe_windows", 0) if survey else 0
     probe_tokens = min(probe, options.nsamples) * options.seqlen
     if survey:
@@ -372,7 +377,7 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     # decompositions (Cholesky + Gram + eigh, ~ n^3 terms)
     n_tok = options.nsamples * options.seqlen
     h = s.hidden
-    ms = marginal_neurons(s, options.method, options.prime_ratio)
+    ms = marginal_neurons(s, options.method, options.smallest_prime_ratio)
     forward = 2 * s.block_params * n_tok + 2 * 2 * n_tok * options.seqlen * s.attn  # one pass over the windows
     covariances = 2 * n_tok * sum(w * w for w in s.group_widths)
     decompositions = sum(m ** 3 / 3 + 2 * h * m * m + 2 * h * m * h * 3 for m in ms) + 2 * h ** 3 + 10 * 4 * h ** 3

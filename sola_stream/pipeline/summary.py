@@ -42,7 +42,8 @@ def block_entry(i: int, result: BlockResult, input_sha256: str) -> dict:
             "dense_params": result.dense_params,
             "kept_params": result.kept_params, "layers": result.specs,
             "whitened_error": {k: round(v, 6) for k, v in result.error.items()}, "damping": result.damping,
-            **({"kept_dense_no_tokens": result.starved} if result.starved else {})}
+            **({"kept_dense_no_tokens": result.starved} if result.starved else {}),
+            **({"prime_split": result.prime_split} if result.prime_split is not None else {})}
 
 
 def sola_section(options: CompressOptions, calib_desc: str, manifest: dict, reader: CheckpointReader,
@@ -73,7 +74,9 @@ def sola_section(options: CompressOptions, calib_desc: str, manifest: dict, read
         "linears": list(family.linears),
         "input_groups": family.shared_inputs,  # layers sharing one input (fused at load)
         **({"experts_path": family.experts.path} if family.experts else {}),  # per-expert layers (nn.Experts)
-        "blocks": [{"layers": b["layers"], "whitened_error": b["whitened_error"]} for b in blocks],
+        **({"prime_choices": list(options.prime_choices)} if options.prime_choices else {}),
+        "blocks": [{"layers": b["layers"], "whitened_error": b["whitened_error"],
+                    **({"prime_split": b["prime_split"]} if "prime_split" in b else {})} for b in blocks],
         "fingerprint": fp,
     }
 

@@ -63,22 +63,22 @@ class Survey:
 
 
 @torch.no_grad()
-def survey(skeleton, states: torch.Tensor, kwargs: dict[int, dict], options, device, batch: int,
-           release=None, begin_pass=None, progress: bool = True, ranks: Ranks = SINGLE,
+def survey(skeleton, states: torch.Tensor, kwargs: dict[int, dict], probe_ids: torch.Tensor, options, device,
+           batch: int, release=None, begin_pass=None, progress: bool = True, ranks: Ranks = SINGLE,
            after_block=None) -> Survey:
     """The survey pass (module docstring). `states` (the first block's inputs) are overwritten
-    block by block; `release(k)` once windows before k are done, `begin_pass()` before each block
+    block by block; `probe_ids`: the probe's token windows (none: no probe), drawn apart from the
+    calibration windows; `release(k)` once windows before k are done, `begin_pass()` before each block
     (a spilled cache drops its pages window by window in every pass). `ranks`: each holds its
     share of the windows; statistics and updates are summed, spectra shared out. `after_block(i)`
     is called on every rank after each block: where a stop request is obeyed (it raises)."""
     family, n = skeleton.family, skeleton.num_blocks
     found: list[tuple[int, Candidate, float]] = []  # block, candidate, its block's relative update
     fixed, dense = [0] * n, [0] * n
-    # the probe runs on the first process alone, on the first windows of the run (its share
-    # starts there): the same windows, the same weights as one process would measure
-    windows = getattr(options, "probe_windows", 0)
-    probing = bool(windows)
-    probe = Probe(states[:windows]) if probing and ranks.rank == 0 else None
+    # the probe runs on the first process alone (every rank has the same probe windows): the same
+    # weights as one process would measure
+    probing = len(probe_ids) > 0
+    probe = Probe(skeleton.embed(probe_ids)[0]) if probing and ranks.rank == 0 else None
     bar = tqdm(range(n), desc="survey", unit="block", disable=not progress)
     for i in bar:
         prefix = family.block_prefix(i)

@@ -29,7 +29,11 @@ def render(config: dict, evals: list[dict]) -> str:
     cal = sola.get("calibration") or {}
     target = (f"{sola['target_ratio_model']:.4f} of all model parameters" if sola.get("target_ratio_model")
               else f"{sola['ratio']:.4f} of the block linear weights")
-    method = {"sola": f"SoLA (prime neurons {sola['prime_ratio']:.0%} of each FFN kept dense, whitened low-rank "
+    choices = sola.get("prime_choices")
+    prime = (f"{sola['prime_ratio']:.0%} of each FFN" if not choices else
+             "per block the split among " + ", ".join(f"{c:.0%}" for c in choices) + " whose output is closest "
+             "to the original block's")
+    method = {"sola": f"SoLA (prime neurons {prime} kept dense, whitened low-rank "
                       "factors, ranks allocated per block)",
               "svd-llm": "SVD-LLM-style whitened SVD, uniform ranks", "svd": "plain truncated SVD, uniform ranks"}
     family = sola.get("base_model_type", config.get("model_type"))

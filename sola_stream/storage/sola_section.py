@@ -31,6 +31,9 @@ def check_sola_section(sola, num_blocks: int, linears: tuple[str, ...], where: s
     for key in ("base_model_type", "layers_path", "experts_path"):  # absent in 0.1 outputs / dense families
         if key in sola and not isinstance(sola[key], str):
             bad(key, f"is {sola[key]!r}, not a string")
+    choices = sola.get("prime_choices", [])  # --prime-ratio auto (absent before 0.3)
+    if not isinstance(choices, list) or not all(_fraction(c) for c in choices):
+        bad("prime_choices", f"is {choices!r}, not a list of numbers in [0, 1)")
     groups = sola.get("input_groups", [])
     if not isinstance(groups, list) or not all(isinstance(g, list) and all(n in linears for n in g) for g in groups):
         bad("input_groups", "must list groups of this family's linear layers")
@@ -41,6 +44,8 @@ def check_sola_section(sola, num_blocks: int, linears: tuple[str, ...], where: s
         layers = block.get("layers") if isinstance(block, dict) else None
         if not isinstance(layers, dict):
             bad(f"blocks[{i}].layers", "is not an object")
+        if "prime_split" in block and not _fraction(block["prime_split"]):
+            bad(f"blocks[{i}].prime_split", f"is {block['prime_split']!r}, not a number in [0, 1)")
         for name, spec in layers.items():
             field = f"blocks[{i}].layers[{name!r}]"
             if name not in linears:
@@ -59,6 +64,10 @@ def check_sola_section(sola, num_blocks: int, linears: tuple[str, ...], where: s
                     (chunks > 1 and split != "out"):
                 bad(field + ".chunks", f"is {chunks!r}, not an integer in [1, 64] (above 1 only with split 'out')")
     return sola
+
+
+def _fraction(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and 0.0 <= value < 1.0
 
 
 def block_specs(sola: dict | None, index: int) -> dict | None:
