@@ -20,10 +20,14 @@ def compress(model, output, *, ratio: float = 0.2, method: str = "sola", overwri
 
     `options` are the CLI's compress options as keywords (prime_ratio, ratio_of, calib, nsamples,
     seqlen, seed, device, propagate, batch_tokens, max_gpu_memory, max_host_memory, threads;
-    prime_choices=(...) is the CLI's `--prime-ratio auto` with a chosen set of splits).
+    prime_ratio: a number or "auto", the default as on the CLI; prime_choices=(...): auto among
+    those splits).
     Returns an engine.Summary (achieved ratios, seconds, peak memory, ...)."""
     from sola_stream.pipeline.engine import CompressOptions, compress as _compress
+    from sola_stream.pipeline.options import prime_options
 
+    if "prime_choices" not in options:  # the CLI's default (auto) unless a split is given
+        options.update(prime_options(options.pop("prime_ratio", None), options.get("fit", "plain")))
     return _compress(str(model), str(output), CompressOptions(ratio=ratio, method=method, **options),
                      progress=progress, overwrite=overwrite)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from sola_stream import __version__
 from sola_stream.storage.calibration import DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN
 from sola_stream.errors import InputError, SolaError
-from sola_stream.pipeline.prime_split import AUTO_CHOICES
+from sola_stream.pipeline.options import AUTO_CHOICES
 from sola_stream.pipeline.stop import Interrupted
 
 EPILOG = """exit codes: 0 done; 1 unexpected error (bug: please report with the traceback);
@@ -133,11 +133,11 @@ def _run_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--method", default="sola", choices=["sola", "svd-llm", "svd"],
                    help="sola: prime neurons + whitened SVD + adaptive ranks; svd-llm: whitened SVD, "
                         "uniform ranks; svd: plain truncated SVD, uniform ranks")
-    c.add_argument("--prime-ratio", type=_prime_ratio, default=0.25, metavar="P|auto",
-                   help="fraction of FFN neurons kept dense (sola only; default 0.25); auto: each block "
-                        "compressed at splits " + ", ".join(map(str, AUTO_CHOICES)) + " within its budget "
-                        "and the one whose output is closest to the original block's kept (better quality, "
-                        "longer decompositions; docs/METHOD.md)")
+    c.add_argument("--prime-ratio", type=_prime_ratio, default=None, metavar="P|auto",
+                   help="fraction of FFN neurons kept dense (sola only), or auto: each block is fitted at "
+                        "splits " + ", ".join(map(str, AUTO_CHOICES)) + " within its budget and keeps the "
+                        "one whose output is closest to the original block's (default: auto; 0.25 with "
+                        "--fit compensate; docs/METHOD.md)")
     c.add_argument("--calib", default=None, help="calibration text: file, folder of text files, "
                    "saved datasets folder, or hf:NAME[:CONFIG[:SPLIT]] (default: shipped WikiText-2 valid)")
     c.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES, help="calibration windows")
@@ -191,10 +191,10 @@ def _prime_ratio(text: str) -> float | str:
 
 def _options(args, ratio: float | None = None):
     from sola_stream.pipeline.engine import CompressOptions
+    from sola_stream.pipeline.options import prime_options
 
     return CompressOptions(method=args.method, ratio=args.ratio[0] if ratio is None else ratio, ratio_of=args.ratio_of,
-                           prime_ratio=CompressOptions.prime_ratio if args.prime_ratio == "auto" else args.prime_ratio,
-                           prime_choices=AUTO_CHOICES if args.prime_ratio == "auto" else (), calib=args.calib,
+                           **prime_options(args.prime_ratio, args.fit), calib=args.calib,
                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
                            propagate=args.propagate, fit=args.fit,
                            allocation=args.allocation, probe_windows=args.probe_windows,

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import sola_stream
 from sola_stream.cli import main
 from sola_stream.pipeline.engine import _first_windows
+from sola_stream.pipeline.options import AUTO_CHOICES
 from sola_stream.pipeline.prime_split import WINDOWS, choose_split
 from sola_stream.pipeline.distributed import Ranks
 from sola_stream.storage.output import block_shard_name
@@ -89,12 +90,22 @@ def test_auto_keeps_per_block_one_of_the_fixed_splits_outputs(tiny, tmp_path):
     assert r.ppl > 1 and r.ppl == r.ppl
 
 
-def test_auto_on_the_command_line_and_its_refusals(tiny, tmp_path, capsys):
+def test_auto_is_the_default_on_the_command_line_and_its_refusals(tiny, tmp_path, capsys):
+    """No --prime-ratio: auto among AUTO_CHOICES (with --fit compensate: 0.25, one split); a
+    number: that split everywhere; auto with the compensating fit, or a word: refused."""
     out = tmp_path / "cli"
-    assert main(["compress", str(tiny), str(out), "--prime-ratio", "auto", "--ratio", "0.3", "--nsamples", "4",
-                 "--seqlen", "32", "--calib", str(CALIB_TEXT), "--no-progress"]) == 0
-    assert "prime ratio auto, per block among 0.15, 0.25, 0.45, 0.65" in capsys.readouterr().out
+    small = ["--ratio", "0.3", "--nsamples", "4", "--seqlen", "32", "--calib", str(CALIB_TEXT), "--no-progress"]
+    assert main(["compress", str(tiny), str(out), *small]) == 0
+    assert f"prime ratio auto, per block among {', '.join(map(str, AUTO_CHOICES))}" in capsys.readouterr().out
     assert "whose output is closest" in (out / "README.md").read_text()
+    sola = json.loads((out / "config.json").read_text())["sola"]
+    assert sola["prime_choices"] == list(AUTO_CHOICES) and all(b["prime_split"] in AUTO_CHOICES for b in sola["blocks"])
+    assert main(["compress", str(tiny), str(tmp_path / "fixed"), *small, "--prime-ratio", "0.3"]) == 0
+    sola = json.loads((tmp_path / "fixed" / "config.json").read_text())["sola"]
+    assert sola["prime_ratio"] == 0.3 and "prime_choices" not in sola and "prime_split" not in sola["blocks"][0]
+    assert main(["compress", str(tiny), str(tmp_path / "comp"), *small, "--fit", "compensate"]) == 0
+    sola = json.loads((tmp_path / "comp" / "config.json").read_text())["sola"]
+    assert sola["prime_ratio"] == 0.25 and "prime_choices" not in sola
     with pytest.raises(SystemExit) as exc:
         main(["compress", str(tiny), str(tmp_path / "x"), "--prime-ratio", "most"])
     assert exc.value.code == 2 and "not a number or auto" in capsys.readouterr().err

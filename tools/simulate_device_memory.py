@@ -43,6 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 from torch.nn import functional as F
 
+from sola_stream.pipeline.options import AUTO_CHOICES
 from sola_stream.errors import InputError
 from sola_stream.families import family_for_dict, meta_model, transformers_config
 from sola_stream.pipeline import engine
@@ -327,7 +328,8 @@ def main() -> int:
     p.add_argument("--blocks", type=int, default=1, help="blocks to run (default 1; all blocks are alike)")
     p.add_argument("--method", default="sola", help="sola, svd-llm or svd (default sola)")
     p.add_argument("--ratio", type=float, default=0.2, help="target ratio (default 0.2)")
-    p.add_argument("--prime-ratio", type=float, default=CompressOptions.prime_ratio)
+    p.add_argument("--prime-ratio", default=str(CompressOptions.prime_ratio),
+                   help=f"a number, or auto (each block tries {', '.join(map(str, AUTO_CHOICES))})")
     p.add_argument("--fit", default="plain", help="plain or compensate (default plain)")
     p.add_argument("--allocation", default="block", help="block or global (default block)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -336,7 +338,13 @@ def main() -> int:
     path = path / "config.json" if path.is_dir() else path
     try:
         cfg = json.loads(path.read_text())
-        options = CompressOptions(method=args.method, ratio=args.ratio, prime_ratio=args.prime_ratio,
+        auto = args.prime_ratio == "auto"
+        try:
+            prime = CompressOptions.prime_ratio if auto else float(args.prime_ratio)
+        except ValueError:
+            raise InputError(f"--prime-ratio: {args.prime_ratio!r} is not a number or auto") from None
+        options = CompressOptions(method=args.method, ratio=args.ratio, prime_ratio=prime,
+                                  prime_choices=AUTO_CHOICES if auto else (),
                                   nsamples=args.nsamples, seqlen=args.seqlen, fit=args.fit,
                                   allocation=args.allocation, device="cpu")
         options.validate()

@@ -38,14 +38,29 @@ def check_threads(threads: int | None) -> None:
         raise InputError(f"--threads: {threads} is out of range [1, 4096]")
 
 
+# the splits each block tries under --prime-ratio auto: with the held-out probe, 0.15 lost where
+# it was chosen (SmolLM2 at 40%: 64.1 against 62.9 without it; docs/BENCHMARKS.md)
+AUTO_CHOICES = (0.25, 0.45, 0.65)
+
+
+def prime_options(prime_ratio: float | str | None, fit: str = "plain") -> dict:
+    """CompressOptions' prime fields for the CLI's and the API's `prime_ratio`: a number (every
+    block at that split), "auto" (each block chooses among AUTO_CHOICES), or None, the default:
+    auto, except with --fit compensate, which fits one split (the dataclass default)."""
+    if prime_ratio == "auto" or (prime_ratio is None and fit != "compensate"):
+        return {"prime_ratio": CompressOptions.prime_ratio, "prime_choices": AUTO_CHOICES}
+    return {"prime_ratio": CompressOptions.prime_ratio if prime_ratio is None else prime_ratio, "prime_choices": ()}
+
+
 @dataclass
 class CompressOptions:
     method: str = "sola"
     ratio: float = 0.2
     ratio_of: str = "blocks"  # "blocks": of the block linear weights; "model": of all parameters
-    prime_ratio: float = 0.25  # measured best on SmolLM2 at 20% and 30% (docs/BENCHMARKS.md, ablations)
-    # splits each block chooses among by measuring its output (--prime-ratio auto; pipeline/prime_split.py);
-    # empty: every block at prime_ratio. The survey of --allocation global runs at prime_ratio
+    # the prime split of every block, or with prime_choices, of the survey of --allocation global
+    prime_ratio: float = 0.25
+    # splits each block chooses among by measuring its output (--prime-ratio auto, the CLI's and the
+    # API's default: prime_options; pipeline/prime_split.py); empty: every block at prime_ratio
     prime_choices: tuple[float, ...] = ()
     calib: str | None = None
     nsamples: int = DEFAULT_NSAMPLES

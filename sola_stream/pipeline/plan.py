@@ -172,7 +172,7 @@ def _fit(options) -> str:
 
 
 def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens: int, cpu: bool,
-                 fit: str = "plain", survey: bool = False, probe: bool = False) -> dict[str, int]:
+                 fit: str = "plain", survey: bool = False, probe: bool = False, choices: bool = False) -> dict[str, int]:
     """Bytes on the compute device for each step of one block (float32 compute, float64 math).
     The compensating fit holds two blocks (the original and the one being compressed), the input
     of one layer per stream and a cross-covariance beside each covariance. GPU terms are checked
@@ -194,7 +194,9 @@ def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens
         widest = max(s.group_widths)
         acts += 2 * 4 * tokens * widest
         covs += 2 * 4 * widest * widest
-    decomposition = decomposition_peak(s, method, prime_ratio) + (covs - 4 * squares)
+    # with --prime-ratio auto the smallest split is fitted first (the widest marginal block), with no
+    # earlier candidate held; a later one holds the best so far, but a narrower marginal block
+    decomposition = decomposition_peak(s, method, prime_ratio, shared_covs=choices) + (covs - 4 * squares)
     if fit == "compensate":  # pipeline/paired.py: the layout's factors and bases stay while each input
         # group is refitted next to the original block (and, in its paired pass, a working block):
         # the widest group's C and (C + M)/2 in float32, C's float64 copy and factor, and W M
@@ -213,6 +215,8 @@ def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens
              "peak statistics pass": block + acts + covs + small,
              "peak decomposition": decomposition + small,
              "peak propagation": block + acts + rank + small}
+    if choices:  # a candidate run on the compared windows: its float32 block beside both candidates' factors
+        terms["peak prime split choice"] = block + acts + rank + small + 2 * s.storage_bytes * s.block_params
     if survey:  # pipeline/survey.py: a whole forward (its output and the update's norm: one chunk more);
         # its spectra (values only) need less than the decomposition
         terms["peak survey"] = block + acts + covs + small + 4 * tokens * h
@@ -240,14 +244,15 @@ def potrf_workspace(n: int, itemsize: int = 8) -> int:
 
 
 def decomposition_peak(s: Shapes, method: str, prime_ratio: float, values_only: bool = False,
-                       kept: bool = False) -> int:
+                       kept: bool = False, shared_covs: bool = False) -> int:
     """Peak bytes of one block's decomposition (method/block_compress.py), its allocations replayed
     in order: the float32 covariances; each input group's float64 Cholesky factor (a neuron
     group's covariance is freed as its marginal block is gathered and converted in place); each
     layer's spectrum (its whitened weight, Gram, eigh workspace and flipped basis; the basis is
     kept); then the factors of one layer at the largest useful rank on top of everything kept.
     `kept`: instead, the bytes still held once every spectrum is made (the covariances not yet
-    freed, the whitening factors and the bases)."""
+    freed, the whitening factors and the bases). `shared_covs`: the neuron covariances are not
+    freed (--prime-ratio auto fits the block again from the same statistics)."""
     ms = marginal_neurons(s, method, prime_ratio)
     neuron_of = {g: k for k, g in enumerate(s.neuron_inputs)}
     alive = peak = 4 * sum(w * w for w in s.group_widths)
@@ -257,7 +262,11 @@ def decomposition_peak(s: Shapes, method: str, prime_ratio: float, values_only: 
         if method != "svd" and g not in whitened:
             whitened.add(g)
             w = s.group_widths[g]
-            if g in neuron_of:  # popped, the marginal block gathered (float32), converted, factored
+            if g in neuron_of and shared_covs:  # gathered, converted and factored beside the covariance
+                c = n if role == "cols" else w
+                peak = max(peak, alive + 12 * c * c, alive + 16 * c * c + potrf_workspace(c))
+                alive += 8 * c * c
+            elif g in neuron_of:  # popped, the marginal block gathered (float32), converted, factored
                 c = n if role == "cols" else w
                 peak = max(peak, alive + (4 * c * c if c < w else 0))
                 alive -= 4 * w * w
@@ -315,7 +324,8 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     def terms(tokens: int) -> dict[str, int]:
         windows = min(max(1, tokens // options.seqlen), options.nsamples)  # a chunk holds whole windows
         return device_terms(s, options.method, options.smallest_prime_ratio, options.seqlen, windows * options.seqlen, cpu,
-                            _fit(options), survey, survey and bool(getattr(options, "probe_windows", 0)))
+                            _fit(options), survey, survey and bool(getattr(options, "probe_windows", 0)),
+                            bool(options.prime_choices) and options.method == "sola")
 
     fixed = 0 if cpu else GPU_FIXED
     tokens = options.batch_tokens or DEFAULT_BATCH_TOKENS["cpu" if cpu else "cuda"]

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 
 from sola_stream.pipeline.block_forward import run_block
+from sola_stream.phases import phase
 from sola_stream.pipeline.distributed import SINGLE, Ranks
 
-AUTO_CHOICES = (0.15, 0.25, 0.45, 0.65)  # the splits tried per block by --prime-ratio auto
 WINDOWS = 4  # calibration windows a block's candidates are compared on
 
 
@@ -48,6 +48,7 @@ def choose_split(choices, fit, build, states: torch.Tensor, kwargs: dict, device
 
 
 def _outputs(block, x: torch.Tensor, kwargs: dict, device, batch: int) -> torch.Tensor:
-    out = torch.empty(x.shape, dtype=torch.float32)
-    run_block(block, x, kwargs, device, batch, out=out)
-    return out
+    with phase("prime split choice"):
+        out = torch.empty(x.shape, dtype=torch.float32)
+        run_block(block, x, kwargs, device, batch, out=out)
+        return out
