@@ -11,7 +11,7 @@ Errors a user can fix raise sola_stream.errors.SolaError (InputError, OutputErro
 one-line message; a graceful stop raises sola_stream.pipeline.stop.Interrupted.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 
 def compress(model, output, *, ratio: float = 0.2, method: str = "sola", overwrite: bool = False,

@@ -8,7 +8,6 @@ from transformers import AutoTokenizer
 
 import sola_stream
 from conftest import WIKI_TEST
-from sola_stream.pipeline.engine import CompressOptions, compress
 from sola_stream.evaluation.perplexity import perplexity
 
 CALIB = dict(nsamples=16, seqlen=512)
@@ -20,8 +19,8 @@ def results(smollm2, tmp_path_factory):
     base = tmp_path_factory.mktemp("smol")
     out = {"dense": (perplexity(str(smollm2), str(WIKI_TEST), progress=False, **EVAL), None)}
     for method in ("sola", "svd-llm"):
-        s = compress(str(smollm2), str(base / method), CompressOptions(method=method, ratio=0.3, **CALIB),
-                     progress=False)
+        # the API's defaults are the CLI's (sola: --prime-ratio auto, model-wide allocation and probe)
+        s = sola_stream.compress(smollm2, base / method, method=method, ratio=0.3, progress=False, **CALIB)
         out[method] = (perplexity(str(base / method), str(WIKI_TEST), progress=False, **EVAL), s)
     return out, base
 

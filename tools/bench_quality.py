@@ -74,7 +74,8 @@ def main() -> None:
                                 "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                                 "--propagate", args.propagate, "--no-progress", *extra])
             sola = json.loads((Path(target) / "config.json").read_text())["sola"]
-            row.update(prime_ratio="auto" if sola.get("prime_choices") else sola["prime_ratio"], allocation=sola.get("allocation"), fit=sola.get("fit"))
+            row.update(prime_ratio="auto" if sola.get("prime_choices") else sola["prime_ratio"],
+                       allocation=sola.get("allocation"), fit=sola.get("fit"))
             row.update(compress_seconds=round(secs, 1), compress_peak_rss_gib=round(rss / 2**30, 3),
                        achieved_ratio_blocks=round(sola["achieved_ratio_blocks"], 4),
                        achieved_ratio_model=round(sola["achieved_ratio_model"], 4))

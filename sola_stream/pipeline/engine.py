@@ -379,6 +379,7 @@ def _plain(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: 
     covs, scores = stats.cov, stats.neuron_scores()
     if options.decompose_on == "host":  # the plan found the device too small for them
         covs, scores = to_host(covs), to_host(scores)
+
     def fit(split: float, covs=covs) -> BlockResult:
         return compress_block(weights, covs, scores, family, options.method, options.ratio, split, storage, budget,
                               spread=ranks.spread(), importance=importance)

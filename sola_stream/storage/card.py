@@ -33,8 +33,8 @@ def render(config: dict, evals: list[dict]) -> str:
     prime = (f"{sola['prime_ratio']:.0%} of each FFN" if not choices else
              "per block the split among " + ", ".join(f"{c:.0%}" for c in choices) + " whose output is closest "
              "to the original block's")
-    method = {"sola": f"SoLA (prime neurons {prime} kept dense, whitened low-rank "
-                      "factors, ranks allocated per block)",
+    where = "model-wide" if sola.get("allocation") == "global" else "per block"
+    method = {"sola": f"SoLA (prime neurons {prime} kept dense, whitened low-rank factors, ranks allocated {where})",
               "svd-llm": "SVD-LLM-style whitened SVD, uniform ranks", "svd": "plain truncated SVD, uniform ranks"}
     family = sola.get("base_model_type", config.get("model_type"))
     short = {"sola": "SoLA", "svd-llm": "SVD-LLM", "svd": "SVD"}.get(sola["method"], sola["method"])
