@@ -129,8 +129,8 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
     text, calib_desc = read_calibration_text(options.calib)
     # the survey's probe windows are drawn after the calibration windows and kept out of the
     # statistics: measured on windows the factors were not fitted to (pipeline/probe.py)
-    windows = calibration_windows(tokenize(tokenizer, text, False, TOKENIZE_PIECE_CHARS),
-                                  options.nsamples + options.probe_windows, options.seqlen, options.seed, calib_desc)
+    windows = calibration_windows(tokenize(tokenizer, text, False, TOKENIZE_PIECE_CHARS), options.nsamples,
+                                  options.seqlen, options.seed, calib_desc, extra=options.probe_windows)
     windows, probe_ids = windows[:options.nsamples], windows[options.nsamples:]
     share = ranks.share(len(windows))
     windows = windows[share.start:share.stop]  # this rank's windows (all of them in one process)

@@ -112,17 +112,20 @@ def _pieces(text: str, size: int | None):
     yield text[start:]
 
 
-def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, where: str) -> torch.Tensor:
-    """`nsamples` x `seqlen` token windows at seeded random offsets into `ids`."""
+def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, where: str,
+                        extra: int = 0) -> torch.Tensor:
+    """`nsamples` x `seqlen` token windows at seeded random offsets into `ids`, then `extra` more
+    from the same draw (the survey's probe windows: the first `nsamples` do not depend on it)."""
     if nsamples < 1 or seqlen < 2:
         raise InputError(f"calibration: need nsamples >= 1 and seqlen >= 2 (got {nsamples}, {seqlen})")
     if ids.numel() < seqlen + 1:
         raise InputError(f"{where}: calibration text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    if nsamples * seqlen > MAX_OVERSAMPLING * ids.numel():
+    if (nsamples + extra) * seqlen > MAX_OVERSAMPLING * ids.numel():
+        probe = f" and {extra} probe window(s)" if extra else ""
         raise InputError(f"{where}: calibration text has {ids.numel()} tokens, too short for {nsamples} windows "
-                         f"of {seqlen} (needs at least {nsamples * seqlen // MAX_OVERSAMPLING})")
+                         f"of {seqlen}{probe} (needs at least {(nsamples + extra) * seqlen // MAX_OVERSAMPLING})")
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples + extra,), generator=gen)
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
 
 
