@@ -392,7 +392,8 @@ def _plain(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: 
             options.prime_choices, lambda s: fit(s, dict(covs)),
             lambda tensors, specs: build_block(skeleton.meta_block(i), tensors if specs else weights, specs, device,
                                                torch.float32),
-            cache.source[:_first_windows(ranks, options.nsamples, SPLIT_WINDOWS)], kwargs, device, batch, ranks)
+            cache.source[:_first_windows(ranks, options.nsamples, SPLIT_WINDOWS)], kwargs, device, batch, ranks,
+            f"calibration states in block {i} ({prefix}*), prime split choice")
         result.prime_split = split
         return result
     except ValueError as exc:

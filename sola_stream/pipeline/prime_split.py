@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from sola_stream.pipeline.block_forward import run_block
+from sola_stream.errors import InputError
 from sola_stream.phases import phase
 from sola_stream.pipeline.distributed import SINGLE, Ranks
 
@@ -23,21 +24,25 @@ WINDOWS = 4  # calibration windows a block's candidates are compared on
 
 @torch.no_grad()
 def choose_split(choices, fit, build, states: torch.Tensor, kwargs: dict, device, batch: int,
-                 ranks: Ranks = SINGLE):
+                 ranks: Ranks = SINGLE, what: str = "calibration states"):
     """The block result of the split in `choices` whose block output is closest to the original's.
     `fit(split)`: the block's result at that split (ValueError: the split does not fit the
     budget, skipped); `build(tensors, specs)`: a block module (specs None: the original block);
     `states`: this process's share of the windows compared on (the run's first WINDOWS; errors
     are summed over the processes of a run, so every one of them chooses what one process would).
+    Non-finite outputs are an InputError saying `what`, raised on every process.
     Returns (result, split, errors by split)."""
-    reference = _outputs(build(None, None), states, kwargs, device, batch)
+    def outputs(block) -> torch.Tensor:
+        return ranks.everywhere(lambda: _outputs(block, states, kwargs, device, batch, what))
+
+    reference = outputs(build(None, None))
     best, errors = None, {}
     for split in choices:
         try:
             result = fit(split)
         except ValueError:  # more prime neurons than the budget pays for
             continue
-        out = _outputs(build(result.tensors, result.specs), states, kwargs, device, batch)
+        out = outputs(build(result.tensors, result.specs))
         errors[split] = ranks.sum_numbers([float((out - reference).double().square().sum())])[0]
         if best is None or errors[split] < errors[best[1]]:
             best = (result, split)
@@ -47,8 +52,11 @@ def choose_split(choices, fit, build, states: torch.Tensor, kwargs: dict, device
     return best[0], best[1], errors
 
 
-def _outputs(block, x: torch.Tensor, kwargs: dict, device, batch: int) -> torch.Tensor:
+def _outputs(block, x: torch.Tensor, kwargs: dict, device, batch: int, what: str) -> torch.Tensor:
     with phase("prime split choice"):
         out = torch.empty(x.shape, dtype=torch.float32)
-        run_block(block, x, kwargs, device, batch, out=out)
+        try:
+            run_block(block, x, kwargs, device, batch, out=out)
+        except FloatingPointError as exc:
+            raise InputError(f"{what}: NaN or Inf values: {exc}") from None
         return out
