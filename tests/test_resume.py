@@ -14,7 +14,7 @@ import torch
 
 from conftest import make_tiny, output_hashes
 from sola_stream.storage.runlog import read_log
-from sola_stream.pipeline.options import CompressOptions
+from sola_stream.pipeline.options import CompressOptions, prime_options
 from sola_stream.pipeline.plan import make_plan
 from sola_stream.pipeline.resume import LOCK, RUN_DIR
 from sola_stream.pipeline.stop import EXIT_INTERRUPTED
@@ -157,7 +157,7 @@ def _spill_budget(model) -> float:
     """A host budget (GiB) that spills the calibration cache of ARGS's run to disk: a sixth of the
     cache (288 tokens) below what the run needs with it in RAM; spilled, it needs two 96-token chunks."""
     cfg = json.loads((model / "config.json").read_text())
-    opts = CompressOptions(ratio=0.3, nsamples=6, seqlen=48, batch_tokens=96)
+    opts = CompressOptions(ratio=0.3, nsamples=6, seqlen=48, batch_tokens=96, **prime_options(None))  # the CLI's
     in_ram = make_plan(cfg, opts, torch.device("cpu"), budget_host=2**40)
     budget = in_ram.peak_host - in_ram.states_bytes // 6
     assert not in_ram.spill and make_plan(cfg, opts, torch.device("cpu"), budget_host=budget).spill
