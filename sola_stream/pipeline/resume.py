@@ -341,14 +341,23 @@ def _stream_hashes(entry: dict | None, rank: int = 0) -> list[tuple[str, str]]:
     return [(s, h if isinstance(h, str) else h[rank]) for s, h in found]
 
 
-def _first_difference(old: dict, new: dict, path: str = "") -> str:
+def _first_difference(old: dict, new: dict, most: int = 3) -> str:
+    """The first `most` differing fields (one option can change two: --prime-ratio sets
+    prime_ratio and prime_choices), in key order."""
+    found = _differences(old, new)
+    return "; ".join(found[:most]) + ("; ..." if len(found) > most else "") if found else "fingerprint differs"
+
+
+def _differences(old: dict, new: dict, path: str = "") -> list[str]:
+    out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict):
-                return _first_difference(a, b, f"{path}{key}.")
-            return f"{path}{key} was {_short(a)}, now {_short(b)}"
-    return "fingerprint differs"
+                out += _differences(a, b, f"{path}{key}.")
+            else:
+                out.append(f"{path}{key} was {_short(a)}, now {_short(b)}")
+    return out
 
 
 def _short(v) -> str:
