@@ -133,7 +133,7 @@ def _run_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--method", default="sola", choices=["sola", "svd-llm", "svd"],
                    help="sola: prime neurons + whitened SVD + adaptive ranks; svd-llm: whitened SVD, "
                         "uniform ranks; svd: plain truncated SVD, uniform ranks")
-    c.add_argument("--prime-ratio", type=_prime_ratio, default=None, metavar="P|auto",
+    c.add_argument("--prime-ratio", type=prime_ratio_arg, default=None, metavar="P|auto",
                    help="fraction of FFN neurons kept dense (sola only), or auto: each block is fitted at "
                         "splits " + ", ".join(map(str, AUTO_CHOICES)) + " within its budget and keeps the "
                         "one whose output is closest to the original block's (default: auto; 0.25 with "
@@ -180,7 +180,8 @@ def _ratios(text: str) -> list[float]:
     return ratios
 
 
-def _prime_ratio(text: str) -> float | str:
+def prime_ratio_arg(text: str) -> float | str:
+    """--prime-ratio's argparse type (also tools/simulate_device_memory.py's): a number or auto."""
     if text == "auto":
         return text
     try:

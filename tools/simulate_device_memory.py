@@ -43,7 +43,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 from torch.nn import functional as F
 
-from sola_stream.pipeline.options import AUTO_CHOICES
+from sola_stream.cli import prime_ratio_arg
+from sola_stream.pipeline.options import AUTO_CHOICES, prime_options
 from sola_stream.errors import InputError
 from sola_stream.families import family_for_dict, meta_model, transformers_config
 from sola_stream.pipeline import engine
@@ -328,7 +329,7 @@ def main() -> int:
     p.add_argument("--blocks", type=int, default=1, help="blocks to run (default 1; all blocks are alike)")
     p.add_argument("--method", default="sola", help="sola, svd-llm or svd (default sola)")
     p.add_argument("--ratio", type=float, default=0.2, help="target ratio (default 0.2)")
-    p.add_argument("--prime-ratio", default=str(CompressOptions.prime_ratio),
+    p.add_argument("--prime-ratio", type=prime_ratio_arg, default=CompressOptions.prime_ratio,
                    help=f"a number, or auto (each block tries {', '.join(map(str, AUTO_CHOICES))})")
     p.add_argument("--fit", default="plain", help="plain or compensate (default plain)")
     p.add_argument("--allocation", default="block", help="block or global (default block)")
@@ -338,13 +339,7 @@ def main() -> int:
     path = path / "config.json" if path.is_dir() else path
     try:
         cfg = json.loads(path.read_text())
-        auto = args.prime_ratio == "auto"
-        try:
-            prime = CompressOptions.prime_ratio if auto else float(args.prime_ratio)
-        except ValueError:
-            raise InputError(f"--prime-ratio: {args.prime_ratio!r} is not a number or auto") from None
-        options = CompressOptions(method=args.method, ratio=args.ratio, prime_ratio=prime,
-                                  prime_choices=AUTO_CHOICES if auto else (),
+        options = CompressOptions(method=args.method, ratio=args.ratio, **prime_options(args.prime_ratio, args.fit),
                                   nsamples=args.nsamples, seqlen=args.seqlen, fit=args.fit,
                                   allocation=args.allocation, device="cpu")
         options.validate()

@@ -320,12 +320,13 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     problems: list[str] = []
 
     survey = getattr(options, "allocation", "block") == "global" and options.method == "sola"
+    choosing = bool(options.prime_choices) and options.method == "sola"  # --prime-ratio auto
 
     def terms(tokens: int) -> dict[str, int]:
         windows = min(max(1, tokens // options.seqlen), options.nsamples)  # a chunk holds whole windows
         return device_terms(s, options.method, options.smallest_prime_ratio, options.seqlen, windows * options.seqlen, cpu,
                             _fit(options), survey, survey and bool(getattr(options, "probe_windows", 0)),
-                            bool(options.prime_choices) and options.method == "sola")
+                            choosing)
 
     fixed = 0 if cpu else GPU_FIXED
     tokens = options.batch_tokens or DEFAULT_BATCH_TOKENS["cpu" if cpu else "cuda"]
@@ -356,7 +357,7 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     elif host_decomp:
         host["decompositions (float64, on the host)"] = _decomposition(dev)
     chunk = 4 * tokens * s.hidden
-    if options.prime_choices and options.method == "sola":  # pipeline/prime_split.py: the best so far beside
+    if choosing:  # pipeline/prime_split.py: the best so far beside
         # the candidate, and both blocks' outputs on the windows they are compared on
         host["prime split choice (a second compressed block, outputs)"] = (
             weights + 2 * 4 * min(SPLIT_WINDOWS, options.nsamples) * options.seqlen * s.hidden)
