@@ -292,6 +292,20 @@ def test_damaged_manifest_is_refused_on_resume(model4, tmp_path, content):
     assert r.returncode == 0, r.stderr
 
 
+def test_a_block_entry_with_a_damaged_prime_split_is_refused_on_resume(model4, tmp_path):
+    """The split a block chose (--prime-ratio auto, the default) is copied into config.json on
+    completion: a damaged one is refused before anything is written from it."""
+    out = tmp_path / "out"
+    killed_after_two_blocks(model4, out)
+    path = out / RUN_DIR / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["blocks"][0]["prime_split"] in (0.25, 0.45, 0.65)
+    manifest["blocks"][0]["prime_split"] = "0.45; rm -rf /"
+    path.write_text(json.dumps(manifest))
+    one_error_line(cli(model4, out), "manifest.json", "damaged", "--overwrite")
+    assert not (out / "config.json").exists()
+
+
 def test_same_size_change_inside_a_compressed_input_block_is_detected(tiny_tokenizer, tmp_path):
     """A byte changed in the middle of block 0's weights, away from the header and the first and
     last MiB that the cheap fingerprint reads: only the per-block input digest can see it."""

@@ -324,6 +324,9 @@ def _valid_manifest(m) -> bool:
             return False
         if not isinstance(b.get("layers"), dict) or not all(isinstance(b.get(k), int) for k in ("dense_params", "kept_params")):
             return False
+        split = b.get("prime_split", 0.0)  # --prime-ratio auto's choice, copied into config.json
+        if type(split) not in (int, float) or not 0.0 <= split < 1.0:
+            return False
     return True
 
 
