@@ -14,6 +14,7 @@ import torch
 
 from conftest import ROOT, make_tiny, output_hashes
 from sola_stream.pipeline.engine import CompressOptions
+from sola_stream.pipeline.options import prime_options
 from sola_stream.pipeline.plan import GIB, Shapes, largest_decomposition_share, make_plan, marginal_neurons
 
 # a wide tiny model, so the calibration cache (windows x seqlen x hidden float32) dominates memory
@@ -119,6 +120,23 @@ def test_model_wide_allocation_keeps_the_spilled_cache_out_of_ram(wide, spill_bu
     assert "cache spilled to disk" in r.stdout
     assert rss <= spill_budget * GIB
     assert rss < in_ram[1] - CACHE_BYTES // 2
+
+
+def test_a_host_refusal_names_the_survey_probe_when_it_is_the_large_term():
+    """LLaMA-2-70B with the CLI's defaults: the probe's perturbations (one per layer of the model)
+    are most of the host peak; a budget that holds everything else is refused with the flags that
+    drop them, and without the probe the same budget is accepted."""
+    cfg = json.loads((ROOT / "tools" / "configs" / "llama-2-70b.json").read_text())
+    kw = dict(nsamples=128, seqlen=2048, **prime_options(None))
+    plan = make_plan(cfg, CompressOptions(**kw), torch.device("cuda"), budget_device=24 * GIB, budget_host=24 * GIB)
+    assert plan.problems and "the survey's probe holds 17.69 GiB" in plan.problems[0], plan.describe()
+    assert "--probe-windows 0" in plan.problems[0]
+    plan = make_plan(cfg, CompressOptions(probe_windows=0, **kw), torch.device("cuda"), budget_device=24 * GIB,
+                     budget_host=24 * GIB)
+    assert not plan.problems, plan.describe()
+    # a budget too small even without the probe does not point at it
+    plan = make_plan(cfg, CompressOptions(**kw), torch.device("cuda"), budget_device=24 * GIB, budget_host=4 * GIB)
+    assert plan.problems and "probe" not in plan.problems[0]
 
 
 def test_plan_for_ranks_is_one_ranks_share():

@@ -365,8 +365,10 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     probe_tokens = min(probe, options.nsamples) * options.seqlen
     if survey:
         host["survey (a block's update, one chunk)"] = chunk  # pipeline/survey.py
+    probe_host = 0
     if probe_tokens:  # pipeline/probe.py: one bfloat16 perturbation per layer of the model, clean states
-        host["survey probe (a perturbation per layer)"] = (2 * len(s.layers) * s.blocks + 3 * 4) * probe_tokens * s.hidden
+        probe_host = (2 * len(s.layers) * s.blocks + 3 * 4) * probe_tokens * s.hidden
+        host["survey probe (a perturbation per layer)"] = probe_host
     spill = False
     in_ram = sum(host.values()) + states
     if budget_host is not None and in_ram > budget_host:
@@ -374,7 +376,9 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     host["calibration cache" + (" (two chunks, rest on disk)" if spill else "")] = 2 * streams * chunk if spill else states
     if budget_host is not None and sum(host.values()) > budget_host:
         problems.append(f"peak host memory {_g(sum(host.values()))} exceeds the budget {_g(budget_host)} "
-                        "even with the calibration cache on disk")
+                        "even with the calibration cache on disk" + (
+                            f"; the survey's probe holds {_g(probe_host)} of it (--probe-windows 0 or "
+                            "--allocation block run without it)" if sum(host.values()) - probe_host <= budget_host else ""))
     if not cpu:
         dev = {k: (v + fixed if k.startswith("peak ") else v) for k, v in dev.items()}
         dev["CUDA context"] = CUDA_CONTEXT
