@@ -107,16 +107,19 @@ def three_blocks(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("flags", [("--allocation", "global"), ("--allocation", "block"),
-                                   ("--allocation", "global", "--prime-ratio", "auto")])
+                                   ("--allocation", "global", "--prime-ratio", "0.25"),
+                                   ("--prime-ratio", "auto", "--nsamples", "3")])
 def test_two_ranks_compress_as_one_process(three_blocks, tmp_path, flags):
     """The output of two ranks is one process's to the float32 order of the statistics' sums (and
-    bf16 storage); the same ranks (and with --prime-ratio auto, the same splits: the first rank
-    measures them) everywhere; rank 0 alone wrote the output."""
+    bf16 storage); the same ranks and, under --prime-ratio auto (the default), the same splits
+    everywhere: each rank measures its share of the first windows and the errors are summed (with
+    3 windows both ranks hold some); rank 0 alone wrote the output."""
     single(three_blocks, tmp_path / "one", *flags)
     ranks = launch(three_blocks, tmp_path / "two", *flags)
     assert [rc for rc, _ in ranks] == [0, 0], ranks
     one, two = (json.loads((tmp_path / d / "config.json").read_text())["sola"] for d in ("one", "two"))
     assert [b["layers"] for b in one["blocks"]] == [b["layers"] for b in two["blocks"]]
+    assert [b.get("prime_split") for b in one["blocks"]] == [b.get("prime_split") for b in two["blocks"]]
     assert one["achieved_ratio_blocks"] == two["achieved_ratio_blocks"]
     a, b = effective(tmp_path / "one"), effective(tmp_path / "two")
     assert a.keys() == b.keys()

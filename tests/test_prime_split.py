@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import sola_stream
 from sola_stream.cli import main
+from sola_stream.method.block_compress import BudgetError
 from sola_stream.pipeline.engine import _first_windows
 from sola_stream.pipeline.options import AUTO_CHOICES
 from sola_stream.pipeline.prime_split import WINDOWS, choose_split
@@ -39,7 +40,7 @@ def test_the_split_with_the_closest_output_is_kept_and_unaffordable_ones_skipped
     def fit(split):
         seen.append(split)
         if factors[split] is None:
-            raise ValueError("budget")
+            raise BudgetError("budget")
         return SimpleNamespace(tensors={"f": factors[split]}, specs={"s": split})
 
     def build(tensors, specs):
@@ -53,6 +54,12 @@ def test_the_split_with_the_closest_output_is_kept_and_unaffordable_ones_skipped
     assert set(errors) == {0.1, 0.3, 0.5}
     with pytest.raises(ValueError, match="no prime split"):
         choose_split((0.7,), fit, build, states, {}, "cpu", 2)
+
+    def broken(split):  # any other failure of a fit (a Cholesky that fails) is not "does not fit"
+        raise ValueError("Cholesky failed")
+
+    with pytest.raises(ValueError, match="Cholesky failed"):
+        choose_split((0.1, 0.3), broken, build, states, {}, "cpu", 2)
 
 
 def test_the_windows_compared_are_the_runs_first_whatever_the_ranks():
@@ -88,6 +95,29 @@ def test_auto_keeps_per_block_one_of_the_fixed_splits_outputs(tiny, tmp_path):
     assert any(k not in other0 or not torch.equal(auto0[k], other0[k]) for k in auto0)
     r = sola_stream.evaluate(tmp_path / "auto", CALIB_TEXT, seqlen=32, max_windows=2, progress=False)
     assert r.ppl > 1 and r.ppl == r.ppl
+
+
+def test_candidates_are_compared_on_the_blocks_inputs_when_the_original_states_are_propagated(
+        tiny, tmp_path, monkeypatch):
+    """With --propagate original the statistics pass writes the original block's outputs over its
+    inputs (in RAM): the windows the candidates run on are copied first, so block 0 compares them
+    on the embeddings, as with --propagate compressed (a spilled cache reads them from the
+    committed file, unchanged)."""
+    import sola_stream.pipeline.engine as engine
+
+    seen = {}
+
+    def spy(choices, fit, build, states, *args, **kw):
+        seen.setdefault(key, states.clone())
+        return choose_split(choices, fit, build, states, *args, **kw)
+
+    monkeypatch.setattr(engine, "choose_split", spy)
+    common = dict(ratio=0.3, allocation="block", prime_choices=(0.1, 0.5), calib=str(CALIB_TEXT), nsamples=6,
+                  seqlen=32, progress=False)
+    for key in ("compressed", "original"):
+        sola_stream.compress(tiny, tmp_path / key, propagate=key, **common)
+    assert seen["original"].shape == (WINDOWS, 32, seen["compressed"].shape[-1])
+    assert torch.equal(seen["original"], seen["compressed"])
 
 
 def test_auto_is_the_default_on_the_command_line_and_its_refusals(tiny, tmp_path, capsys):

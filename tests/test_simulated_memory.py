@@ -84,7 +84,8 @@ def test_other_configs_plan_within_10_percent(name):
 
 def test_prime_split_choice_is_simulated_and_planned():
     """--prime-ratio auto on LLaMA-2-70B at 24 GiB: the neuron covariances stay for the next
-    candidate's fit and the best candidate's factors stay beside it; the plan bounds both steps."""
+    candidate's fit, and each candidate block runs on the compared windows beside them (its
+    factors on the host); the plan bounds both steps."""
     out = run("llama-2-70b", 24, prime_choices=(0.25, 0.45, 0.65))
     assert out["peak_gib"] <= 22.0 and out["peak_gib"] <= out["plan_gib"] <= 1.10 * out["peak_gib"]
     assert out["plan_phases"]["peak decomposition"] >= max(v for k, v in out["phases"].items()

@@ -21,6 +21,10 @@ from sola_stream.phases import phase
 METHODS = ("sola", "svd-llm", "svd")
 
 
+class BudgetError(ValueError):
+    """The block's parameter budget does not pay for its prime neurons (a split too large)."""
+
+
 @dataclass
 class BlockResult:
     tensors: dict[str, torch.Tensor]
@@ -152,7 +156,7 @@ class Layout:
             # the block's share of the parameters: its own (1 - ratio), or what a model-wide allocation gave it
             budget = (math.floor(keep * self.dense_params) if budget is None else budget) - self.fixed
             if budget <= 0:
-                raise ValueError(f"ratio {ratio} leaves no room beyond the prime neurons (prime ratio {prime_ratio})")
+                raise BudgetError(f"ratio {ratio} leaves no room beyond the prime neurons (prime ratio {prime_ratio})")
             with phase("allocation"):
                 ranks = allocate(self.candidates, budget)
         else:

@@ -128,7 +128,7 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
     tokenizer = load_tokenizer(reader.path, skeleton.config)
     text, calib_desc = read_calibration_text(options.calib)
     # the survey's probe windows are drawn after the calibration windows and kept out of the
-    # statistics: measured on windows the factors were not fitted to (pipeline/probe.py)
+    # statistics (random offsets into the same text: they may share some tokens; pipeline/probe.py)
     windows = calibration_windows(tokenize(tokenizer, text, False, TOKENIZE_PIECE_CHARS), options.nsamples,
                                   options.seqlen, options.seed, calib_desc, extra=options.probe_windows)
     windows, probe_ids = windows[:options.nsamples], windows[options.nsamples:]
@@ -362,6 +362,11 @@ def _plain(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: 
         block = build_block(skeleton.meta_block(i), weights, None, device, torch.float32)
     keep_original = options.propagate == "original"
     stats = BlockStats(block, family, stop_early=not keep_original)
+    # the split choice compares candidates on the block's inputs: with --propagate original the
+    # statistics pass overwrites them (in RAM) with the original block's outputs, so copy them first
+    compared = cache.source[:_first_windows(ranks, options.nsamples, SPLIT_WINDOWS)]
+    if keep_original and options.prime_choices:
+        compared = compared.clone()
     if keep_original:
         commits.wait()  # the previous commit may still be reading these states
     with phase("statistics"):  # with --propagate original, outputs one rank's windows may make non-finite
@@ -392,7 +397,7 @@ def _plain(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: 
             options.prime_choices, lambda s: fit(s, dict(covs)),
             lambda tensors, specs: build_block(skeleton.meta_block(i), tensors if specs else weights, specs, device,
                                                torch.float32),
-            cache.source[:_first_windows(ranks, options.nsamples, SPLIT_WINDOWS)], kwargs, device, batch, ranks,
+            compared, kwargs, device, batch, ranks,
             f"calibration states in block {i} ({prefix}*), prime split choice")
         result.prime_split = split
         return result

@@ -215,8 +215,11 @@ def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens
              "peak statistics pass": block + acts + covs + small,
              "peak decomposition": decomposition + small,
              "peak propagation": block + acts + rank + small}
-    if choices:  # a candidate run on the compared windows: its float32 block beside both candidates' factors
-        terms["peak prime split choice"] = block + acts + rank + small + 2 * s.storage_bytes * s.block_params
+    if choices:  # pipeline/prime_split.py: a block (the original, then each candidate's) run on the
+        # compared windows, one chunk of at most those windows, beside the covariances kept for the
+        # next candidate's fit (the candidates' factors are on the host)
+        compared = min(tokens, SPLIT_WINDOWS * seqlen)
+        terms["peak prime split choice"] = block + covs + acts * compared // tokens + 4 * compared * h + small
     if survey:  # pipeline/survey.py: a whole forward (its output and the update's norm: one chunk more);
         # its spectra (values only) need less than the decomposition
         terms["peak survey"] = block + acts + covs + small + 4 * tokens * h
@@ -357,12 +360,13 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     elif host_decomp:
         host["decompositions (float64, on the host)"] = _decomposition(dev)
     chunk = 4 * tokens * s.hidden
-    if choosing:  # pipeline/prime_split.py: the best so far beside
-        # the candidate, and both blocks' outputs on the windows they are compared on
-        host["prime split choice (a second compressed block, outputs)"] = (
-            weights + 2 * 4 * min(SPLIT_WINDOWS, options.nsamples) * options.seqlen * s.hidden)
+    if choosing:  # pipeline/prime_split.py: the best candidate so far and the one being fitted (the
+        # previous block's commit may still hold a third, counted above), and the original block's
+        # and the candidate's outputs on the windows they are compared on
+        host["prime split choice (two compressed blocks, outputs)"] = (
+            2 * weights + 2 * 4 * min(SPLIT_WINDOWS, options.nsamples) * options.seqlen * s.hidden)
     probe = getattr(options, "probe_windows", 0) if survey else 0
-    probe_tokens = min(probe, options.nsamples) * options.seqlen
+    probe_tokens = probe * options.seqlen  # drawn beside the calibration windows; the first rank runs them all
     if survey:
         host["survey (a block's update, one chunk)"] = chunk  # pipeline/survey.py
     probe_host = 0
@@ -401,6 +405,10 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     # several ranks: each runs its share of the windows, and the most loaded one its share of the
     # decompositions (layers are not split: pipeline/distributed.py Spread)
     decompositions *= largest_decomposition_share(s, ms, ranks)
+    if choosing:  # every candidate split is fitted, and run with the original block on the compared windows
+        decompositions *= len(options.prime_choices)
+        compared = min(SPLIT_WINDOWS, options.nsamples) * options.seqlen
+        decompositions += (len(options.prime_choices) + 1) * 2 * s.block_params * compared
     flops = passes * forward + covariances * (2 if _fit(options) == "compensate" else 1) + decompositions
     if survey:
         flops += forward + covariances + decompositions  # the survey pass (pipeline/survey.py)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from sola_stream.method.block_compress import BudgetError
 from sola_stream.pipeline.block_forward import run_block
 from sola_stream.errors import InputError
 from sola_stream.phases import phase
@@ -26,7 +27,7 @@ WINDOWS = 4  # calibration windows a block's candidates are compared on
 def choose_split(choices, fit, build, states: torch.Tensor, kwargs: dict, device, batch: int,
                  ranks: Ranks = SINGLE, what: str = "calibration states"):
     """The block result of the split in `choices` whose block output is closest to the original's.
-    `fit(split)`: the block's result at that split (ValueError: the split does not fit the
+    `fit(split)`: the block's result at that split (BudgetError: the split does not fit the
     budget, skipped); `build(tensors, specs)`: a block module (specs None: the original block);
     `states`: this process's share of the windows compared on (the run's first WINDOWS; errors
     are summed over the processes of a run, so every one of them chooses what one process would).
@@ -40,7 +41,7 @@ def choose_split(choices, fit, build, states: torch.Tensor, kwargs: dict, device
     for split in choices:
         try:
             result = fit(split)
-        except ValueError:  # more prime neurons than the budget pays for
+        except BudgetError:  # more prime neurons than the budget pays for (any other error is raised)
             continue
         out = outputs(build(result.tensors, result.specs))
         errors[split] = ranks.sum_numbers([float((out - reference).double().square().sum())])[0]

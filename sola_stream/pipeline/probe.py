@@ -5,7 +5,8 @@ whitened energies, method/decompose.py). Those errors are exact for the layer it
 nothing about what the model's predictions lose: a key projection's error moves attention
 patterns, the first block's MLP error is amplified by every block after it. The probe measures
 it. During the survey (which runs the original blocks in order), a few windows (drawn beside the
-calibration windows, never in the statistics: the cuts are judged on data they were not fitted to) are
+calibration windows, never in the statistics: the cuts are judged mostly on data they were not
+fitted to; drawn at random offsets into the same text, a window may share some tokens with them) are
 also run through each block with one layer cut to half its parameters (rank by its own whitened
 spectrum); the resulting perturbation of the block's output is carried, as a difference from the
 clean states, through every later original block; at the end, the KL divergence of the model's
