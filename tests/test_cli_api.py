@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -75,9 +76,20 @@ def test_output_into_a_closed_pipe_is_not_an_error(args):
     assert code == (2 if args[0] == "inspect" else 0), (code, err)
 
 
-def test_model_card_records_and_plot(tiny, tmp_path, capsys):
-    from conftest import SHARED
+def two_task_files(folder: Path) -> Path:
+    """PIQA and BoolQ files of two documents each, in the layouts the evaluator reads."""
+    folder.mkdir()
+    piqa = [{"goal": "Keep a door open", "sol1": "Put a doorstop under it.", "sol2": "Put a spoon on it."},
+            {"goal": "Cool a hot drink", "sol1": "Heat it in a pan.", "sol2": "Add an ice cube."}]
+    boolq = [{"question": "is the sky blue", "passage": "On a clear day the sky looks blue.", "answer": True},
+             {"question": "is ice hot", "passage": "Ice is frozen water.", "answer": False}]
+    (folder / "piqa-valid.jsonl").write_text("".join(json.dumps(d) + "\n" for d in piqa))
+    (folder / "piqa-valid-labels.lst").write_text("0\n1\n")
+    (folder / "boolq-validation.jsonl").write_text("".join(json.dumps(d) + "\n" for d in boolq))
+    return folder
 
+
+def test_model_card_records_and_plot(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     common = ["--nsamples", "4", "--seqlen", "32", "--no-progress", "--calib", str(CALIB_TEXT)]
     assert main(["compress", str(tiny), str(out), *common]) == 0
@@ -86,7 +98,7 @@ def test_model_card_records_and_plot(tiny, tmp_path, capsys):
     assert main(["eval", str(out), "--text", str(CALIB_TEXT), "--seqlen", "64", "--max-windows", "2", "--record",
                  "--no-progress", "--json"]) == 0
     ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"]
-    assert main(["eval", str(out), "--tasks", "piqa,boolq", "--data", str(SHARED / "data" / "zeroshot"), "--limit",
+    assert main(["eval", str(out), "--tasks", "piqa,boolq", "--data", str(two_task_files(tmp_path / "tasks")), "--limit",
                  "2", "--record", "--no-progress"]) == 0
     card = (out / "README.md").read_text()
     assert f"perplexity **{ppl:.4f}**" in card and "zero-shot acc/acc_norm (first 2 documents" in card

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 import sola_stream
-from conftest import WIKI_TEST
+from conftest import WIKI_TEST, needs_zeroshot
 from sola_stream.evaluation.perplexity import perplexity
 
 CALIB = dict(nsamples=16, seqlen=512)
@@ -73,6 +73,7 @@ def test_compressed_smollm2_loads_with_transformers_alone(results, tmp_path):
     assert torch.equal(torch.tensor(report["resaved_logits"]), torch.tensor(report["logits"]))
 
 
+@needs_zeroshot
 def test_streamed_zero_shot_agrees_with_lm_eval(results, smollm2, tmp_path):
     """The first 100 documents of each of the seven tasks, dense and SoLA 30%: the streamed
     evaluator's acc and acc_norm equal lm-evaluation-harness's (through the shipped task configs,
@@ -80,12 +81,12 @@ def test_streamed_zero_shot_agrees_with_lm_eval(results, smollm2, tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from conftest import SHARED
+    from conftest import ZEROSHOT
     from sola_stream.evaluation.lmeval_tasks import write_tasks
     from sola_stream.evaluation.tasks import TASKS
     from sola_stream.evaluation.zeroshot import zero_shot
 
-    data = SHARED / "data" / "zeroshot"
+    data = ZEROSHOT
     write_tasks(str(data), str(tmp_path / "tasks"))
     _, base = results
     for model in (smollm2, base / "sola"):

@@ -17,9 +17,9 @@ from sola_stream.evaluation.perplexity import open_model
 from sola_stream.evaluation.tasks import TASKS, load_task, parse_tasks
 from sola_stream.evaluation.zeroshot import encode_pair, loglikelihoods, zero_shot
 
-from conftest import SHARED, make_tiny
+from conftest import ZEROSHOT as DATA, make_tiny, needs_zeroshot
 
-DATA = SHARED / "data" / "zeroshot"
+pytestmark = needs_zeroshot
 
 
 @pytest.fixture(scope="module")
