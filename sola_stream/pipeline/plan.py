@@ -405,13 +405,14 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     # several ranks: each runs its share of the windows, and the most loaded one its share of the
     # decompositions (layers are not split: pipeline/distributed.py Spread)
     decompositions *= largest_decomposition_share(s, ms, ranks)
+    surveyed = decompositions  # the survey fits one split
     if choosing:  # every candidate split is fitted, and run with the original block on the compared windows
         decompositions *= len(options.prime_choices)
         compared = min(SPLIT_WINDOWS, options.nsamples) * options.seqlen
         decompositions += (len(options.prime_choices) + 1) * 2 * s.block_params * compared
     flops = passes * forward + covariances * (2 if _fit(options) == "compensate" else 1) + decompositions
     if survey:
-        flops += forward + covariances + decompositions  # the survey pass (pipeline/survey.py)
+        flops += forward + covariances + surveyed  # the survey pass (pipeline/survey.py)
     if probe_tokens:  # per block on average: half the model's layers' perturbations, its own, the clean run
         streams = len(s.layers) * (s.blocks + 1) / 2 + 1
         flops += streams * (2 * s.block_params * probe_tokens + 4 * probe_tokens * options.seqlen * s.attn)
