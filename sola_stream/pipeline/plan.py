@@ -324,6 +324,7 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
 
     survey = getattr(options, "allocation", "block") == "global" and options.method == "sola"
     choosing = bool(options.prime_choices) and options.method == "sola"  # --prime-ratio auto
+    compared = min(SPLIT_WINDOWS, options.nsamples) * options.seqlen  # tokens its candidates are compared on
 
     def terms(tokens: int) -> dict[str, int]:
         windows = min(max(1, tokens // options.seqlen), options.nsamples)  # a chunk holds whole windows
@@ -364,7 +365,7 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
         # previous block's commit may still hold a third, counted above), and the original block's
         # and the candidate's outputs on the windows they are compared on
         host["prime split choice (two compressed blocks, outputs)"] = (
-            2 * weights + 2 * 4 * min(SPLIT_WINDOWS, options.nsamples) * options.seqlen * s.hidden)
+            2 * weights + 2 * 4 * compared * s.hidden)
     probe = getattr(options, "probe_windows", 0) if survey else 0
     probe_tokens = probe * options.seqlen  # drawn beside the calibration windows; the first rank runs them all
     if survey:
@@ -408,7 +409,6 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     surveyed = decompositions  # the survey fits one split
     if choosing:  # every candidate split is fitted, and run with the original block on the compared windows
         decompositions *= len(options.prime_choices)
-        compared = min(SPLIT_WINDOWS, options.nsamples) * options.seqlen
         decompositions += (len(options.prime_choices) + 1) * 2 * s.block_params * compared
     flops = passes * forward + covariances * (2 if _fit(options) == "compensate" else 1) + decompositions
     if survey:
