@@ -172,3 +172,17 @@ def test_values_only_spectrum_has_the_same_energies():
     full, values = spectrum(w, L), spectrum(w, L, values_only=True)
     assert values.basis is None
     torch.testing.assert_close(values.energy, full.energy, rtol=1e-10, atol=1e-8 * float(full.energy[0]))
+
+
+@pytest.mark.parametrize("slab_rows", [1, 7, 10_000])
+def test_submatrix_is_the_indexed_block_whatever_the_slab(monkeypatch, slab_rows):
+    from sola_stream.method import decompose
+    n = 300
+    monkeypatch.setattr(decompose, "SUBMATRIX_SLAB", slab_rows * n * 8)  # that many rows per slab
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(n, n, dtype=torch.float64, generator=g)
+    rows = torch.randperm(n, generator=g)[:211].sort().values
+    cols = torch.randperm(n, generator=g)[:97]
+    assert torch.equal(decompose.submatrix(c, rows), c[rows[:, None], rows])
+    assert torch.equal(decompose.submatrix(c, rows, cols), c[rows][:, cols])
+    assert decompose.submatrix(c, rows[:0]).shape == (0, 0)

@@ -144,3 +144,33 @@ def test_expert_without_tokens_stays_dense_and_is_reported(tiny_models):
     assert all(res.specs[n] == {"rank": None} for n in res.starved)
     assert "mlp.experts.3.gate.weight" in res.tensors
     assert abs(1 - res.kept_params / res.dense_params - 0.3) < 0.005
+
+
+def test_engine_attention_repeats_grouped_heads_and_computes_the_same(monkeypatch):
+    """Blocks run with nn/attention.py's sdpa (eager families keep eager). Where it repeats grouped
+    key/value heads (a GPU in float32: torch has no fused kernel for them there, docs/MEMORY.md)
+    the output is the stock sdpa's on the same inputs."""
+    from transformers import LlamaConfig
+    from sola_stream.families import transformers_config
+    from sola_stream.nn import attention
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=97).to_dict()
+    config = transformers_config(cfg)
+    assert config._attn_implementation == attention.NAME
+    from transformers import Gemma2Config
+    assert transformers_config(Gemma2Config().to_dict())._attn_implementation == "eager"
+    # the predicate: float32 off the CPU repeats; the CPU and half precision do not
+    assert attention.repeats_heads(torch.empty(1, device="meta"))
+    assert not attention.repeats_heads(torch.empty(1))
+    assert not attention.repeats_heads(torch.empty(1, device="meta", dtype=torch.bfloat16))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 97, (3, 33))
+    calls = []
+    monkeypatch.setattr(attention, "repeats_heads", lambda q: calls.append(q.shape) or True)
+    with torch.no_grad():
+        repeated = model(ids).logits
+        model.config._attn_implementation = "sdpa"  # transformers' own: grouped heads to torch
+        stock = model(ids).logits
+    assert len(calls) == 2  # every block's attention took the repeating path
+    torch.testing.assert_close(repeated, stock, rtol=1e-5, atol=1e-5)

@@ -79,8 +79,9 @@ WORKSPACES = {
     "CUDA context": (CUDA_CONTEXT, "outside torch's allocator; the planner's constant (sola_stream/pipeline/plan.py)"),
     "cuBLAS workspaces": (CUBLAS_WORKSPACES, "PyTorch's defaults: CUBLAS_WORKSPACE_CONFIG :4096:2:16:8 (8.125 MiB) for "
                                   "cuBLAS, plus the 32 MiB cuBLASLt workspace on sm90 (aten/src/ATen/cuda/CUDABlas.cpp)"),
-    "eigh": (None, "LAPACK dsyevd minimum LWORK = 1 + 6n + 2n^2 doubles, LIWORK = 3 + 5n ints (jobz V); "
-                   "2n + 1 doubles for values only (cuSOLVER documents no formula, only *_bufferSize)"),
+    "eigh": (None, "4n^2 + 6n + 1 doubles and 3 + 5n ints with vectors: 4n^2 measured through torch 2.11 on an "
+                   "H200 (tools/bench_solver_memory.py; cuSOLVER documents no formula, only *_bufferSize), "
+                   "LAPACK dsyevd's linear terms; 2n + 1 doubles for values only (LAPACK's minimum)"),
     "cholesky": (None, "a 256-column panel, 256 n elements (an assumption: LAPACK dpotrf needs no workspace; "
                        "cuSOLVER documents no size for potrf's)"),
 }

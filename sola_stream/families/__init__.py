@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from sola_stream.errors import InputError
+from sola_stream.nn import attention
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,8 @@ def transformers_config(cfg: dict, where: str = "config.json"):
             {k: v for k, v in cfg.items() if k not in ("model_type", "auto_map")})
     except Exception as exc:
         raise InputError(f"{where}: cannot be read as a transformers config ({type(exc).__name__}: {exc})") from None
-    config._attn_implementation = family.attention
+    # sdpa runs as nn/attention.py's variant (grouped heads repeated where torch needs it)
+    config._attn_implementation = attention.NAME if family.attention == "sdpa" else family.attention
     return config
 
 

@@ -14,7 +14,7 @@ import torch
 from sola_stream.method.allocate import Candidate, allocate, uniform_rank
 from sola_stream.families import Family
 from sola_stream.method.compensate import least_squares_weight, prime_columns, prime_columns_fit
-from sola_stream.method.decompose import Spectrum, cholesky_whitener, spectrum
+from sola_stream.method.decompose import Spectrum, cholesky_whitener, spectrum, submatrix
 from sola_stream.nn.build import linear_params
 from sola_stream.phases import phase
 
@@ -94,11 +94,11 @@ class Layout:
                     if key in neuron_keys:  # the largest statistics, used once: freed as early as can be
                         c = covs.pop(key)
                         if index is not None:  # one gather of the marginal block (no rows-only copy)
-                            c = c[index[:, None], index]
+                            c = submatrix(c, index)
                         c = c.double()  # the float32 original is freed here, before the factor exists
                         self.whiteners[wkey] = cholesky_whitener(c, what=f"{key} covariance", overwrite=True)
                     else:
-                        c = covs[key] if index is None else covs[key][index[:, None], index]
+                        c = covs[key] if index is None else submatrix(covs[key], index)
                         self.whiteners[wkey] = cholesky_whitener(c, what=f"{key} covariance")
                     del c
             return self.whiteners[wkey][0]

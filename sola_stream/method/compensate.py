@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from sola_stream.method.decompose import Spectrum, cholesky_whitener, spectrum
+from sola_stream.method.decompose import Spectrum, cholesky_whitener, spectrum, submatrix
 
 
 def local_and_cumulative(cov: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
@@ -54,11 +54,11 @@ def prime_columns_fit(w: torch.Tensor, cov: torch.Tensor, prime: torch.Tensor, m
     For a rank's factors A, B: D = W*_p + (W*_q - A B) T^T (see `prime_columns`)."""
     p, q = prime.to(cov.device), marginal.to(cov.device)
     # each block gathered at once and then made float64 (no float64 copy of the whole C, no row copies)
-    c_pp = cov[p[:, None], p].double()
+    c_pp = submatrix(cov, p).double()
     Lp, _ = cholesky_whitener(c_pp, what=f"{what} (prime neurons)", overwrite=True)
     del c_pp
-    k = torch.linalg.solve_triangular(Lp, cov[p[:, None], q].double(), upper=False)  # Lp^-1 C_pq
-    s = cov[q[:, None], q].double()
+    k = torch.linalg.solve_triangular(Lp, submatrix(cov, p, q).double(), upper=False)  # Lp^-1 C_pq
+    s = submatrix(cov, q).double()
     s.addmm_(k.T, k, alpha=-1.0)  # Schur complement, in place
     t = torch.linalg.solve_triangular(Lp.T, k, upper=True)  # C_pp^-1 C_pq
     del k

@@ -55,6 +55,22 @@ def cholesky_whitener(cov: torch.Tensor, what: str = "covariance", overwrite: bo
     raise ValueError(f"{what}: Cholesky failed even with damping {damping:.3g} (NaN/Inf in calibration states?)")
 
 
+
+SUBMATRIX_SLAB = 256 << 20  # bytes: the most `submatrix` holds beside its result
+
+
+def submatrix(c: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+    """c[rows][:, cols] (cols: rows by default), gathered a slab of rows at a time. The one-step
+    c[rows[:, None], cols] broadcasts both index tensors to the result's shape in int64 on CUDA:
+    4x a float32 result in temporaries, 6.9 GiB for a LLaMA-2-70B FFN's marginal block
+    (docs/BENCHMARKS.md, "70B on a GPU"). Here the temporary is one slab (SUBMATRIX_SLAB)."""
+    cols = rows if cols is None else cols
+    out = c.new_empty((len(rows), len(cols)))
+    step = max(1, SUBMATRIX_SLAB // max(1, c.shape[1] * c.element_size()))
+    for s in range(0, len(rows), step):
+        torch.index_select(c.index_select(0, rows[s:s + step]), 1, cols, out=out[s:s + step])
+    return out
+
 @dataclass
 class Spectrum:
     """Whitened spectrum of one matrix, enough to produce factors at any rank.

@@ -21,6 +21,7 @@ from torch import nn
 
 from sola_stream.method.block_compress import BlockResult, Layout
 from sola_stream.method.compensate import local_and_cumulative
+from sola_stream.method.decompose import submatrix
 from sola_stream.nn.build import build_block
 from sola_stream.pipeline.block_forward import BlockStats, StopForward, _to
 from sola_stream.phases import phase
@@ -124,7 +125,7 @@ def compress_compensated(meta_block: nn.Module, weights: dict[str, torch.Tensor]
             split = layout.splits.get(group.linears[0])
             if split and split[0] == "in":  # the split rows layers hand their neurons over prime first
                 back = torch.argsort(torch.cat([split[1], split[2]])).to(cov.device)
-                cov, cross = cov[back[:, None], back], cross[:, back]
+                cov, cross = submatrix(cov, back), cross[:, back]
         check_finite(cov.diagonal(), f"{group.key} statistics (compensated)")
         cross = local_and_cumulative(cov, cross)  # once per group, in place
         for name in group.linears:

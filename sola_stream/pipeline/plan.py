@@ -21,11 +21,15 @@ import torch
 
 from sola_stream.errors import InputError
 from sola_stream.families import family_for_dict, meta_model, transformers_config
+from sola_stream.method.decompose import SUBMATRIX_SLAB
 from sola_stream.pipeline.prime_split import WINDOWS as SPLIT_WINDOWS
 
 GIB = 2**30
 RUNTIME_HOST = int(0.5 * GIB)  # torch, transformers, tokenizer, skeleton: measured 0.42 GiB peak on a tiny model
 CUDA_CONTEXT = int(0.5 * GIB)  # CUDA context and kernels, outside torch's allocator
+# host memory CUDA's libraries add once used (context, cuBLAS, cuSOLVER): 0.36 GiB of resident
+# memory over `import torch`, measured on an H200 with torch 2.11+cu130 (tools/bench_solver_memory.py)
+CUDA_RUNTIME_HOST = int(0.36 * GIB)
 # PyTorch's defaults: CUBLAS_WORKSPACE_CONFIG :4096:2:16:8 for cuBLAS, plus 32 MiB for cuBLASLt on
 # sm90 (aten/src/ATen/cuda/CUDABlas.cpp); allocated once, kept
 CUBLAS_WORKSPACES = 4096 * 1024 * 2 + 16 * 1024 * 8 + 32 * 2**20
@@ -184,9 +188,11 @@ def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens
     # and their product (3i; the GPU's caching allocator reuses the gate's block at once, as the
     # simulation shows; the host heap keeps more: gate and the score hook's |a| counted, 5i);
     # attention: q/k/v with rotary copies and the heads' output (CPU sdpa also materializes the
-    # heads x seqlen scores of each window; CUDA's memory-efficient kernel does not)
+    # heads x seqlen scores of each window; CUDA's memory-efficient kernel does not, but needs
+    # grouped key/value heads repeated to every head: nn/attention.py)
     ffn = 3 * h + (5 if cpu else 3) * i
-    att = 3 * h + 2 * s.qkv_out + s.attn + (s.heads * seqlen if cpu else 0)
+    grouped = s.qkv_out < 3 * s.attn
+    att = 3 * h + 2 * s.qkv_out + s.attn + (s.heads * seqlen if cpu else 2 * s.attn * grouped)
     acts = 4 * tokens * max(ffn, att)
     squares = sum(w * w for w in s.group_widths)
     covs = 4 * squares
@@ -220,9 +226,11 @@ def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens
         # next candidate's fit (the candidates' factors are on the host)
         compared = min(tokens, SPLIT_WINDOWS * seqlen)
         terms["peak prime split choice"] = block + covs + acts * compared // tokens + 4 * compared * h + small
-    if survey:  # pipeline/survey.py: a whole forward (its output and the update's norm: one chunk more);
-        # its spectra (values only) need less than the decomposition
-        terms["peak survey"] = block + acts + covs + small + 4 * tokens * h
+    if survey:  # pipeline/survey.py: a whole forward, which the statistics pass stops short of: the
+        # FFN output projection's output beside its input, then the residual sum, then the update's
+        # difference for its norm (three chunks more); its spectra (values only) need less than the
+        # decomposition
+        terms["peak survey"] = block + acts + covs + small + 3 * 4 * tokens * h
     if probe:  # pipeline/probe.py: the original block beside the spectra and their bases, while one
         # layer's factors are made (the decomposition's peak), then one window through the block with
         # that layer cut (its float32 copy and the factors' product)
@@ -237,8 +245,11 @@ def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens
 
 
 def eigh_workspace(n: int, vectors: bool = True, itemsize: int = 8) -> int:
-    """LAPACK dsyevd's minimum workspace (LWORK elements, LIWORK ints); cuSOLVER documents none."""
-    return itemsize * (1 + 6 * n + 2 * n * n) + 4 * (3 + 5 * n) if vectors else itemsize * (2 * n + 1)
+    """eigh's workspace beside its input and outputs. With vectors: 4 n^2 elements, measured through
+    torch 2.11 on an H200 (cuSOLVER, n = 4096, 8192, 24576: tools/bench_solver_memory.py; cuSOLVER
+    documents no formula), twice LAPACK dsyevd's minimum LWORK of 1 + 6n + 2n^2, which is kept
+    for its linear terms, plus LIWORK = 3 + 5n ints. Values only: LAPACK's 2n + 1 (not measured)."""
+    return itemsize * (1 + 6 * n + 4 * n * n) + 4 * (3 + 5 * n) if vectors else itemsize * (2 * n + 1)
 
 
 def potrf_workspace(n: int, itemsize: int = 8) -> int:
@@ -267,11 +278,12 @@ def decomposition_peak(s: Shapes, method: str, prime_ratio: float, values_only: 
             w = s.group_widths[g]
             if g in neuron_of and shared_covs:  # gathered, converted and factored beside the covariance
                 c = n if role == "cols" else w
-                peak = max(peak, alive + 12 * c * c, alive + 16 * c * c + potrf_workspace(c))
+                peak = max(peak, alive + 4 * c * c + SUBMATRIX_SLAB, alive + 12 * c * c,
+                           alive + 16 * c * c + potrf_workspace(c))
                 alive += 8 * c * c
-            elif g in neuron_of:  # popped, the marginal block gathered (float32), converted, factored
+            elif g in neuron_of:  # popped, the marginal block gathered (float32, a slab at a time), converted, factored
                 c = n if role == "cols" else w
-                peak = max(peak, alive + (4 * c * c if c < w else 0))
+                peak = max(peak, alive + (4 * c * c + SUBMATRIX_SLAB if c < w else 0))
                 alive -= 4 * w * w
                 peak = max(peak, alive + 12 * c * c, alive + 16 * c * c + potrf_workspace(c))
                 alive += 8 * c * c
@@ -352,7 +364,9 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
                         + (" and the decompositions on the host" if host_decomp else ""))
 
     weights = s.storage_bytes * s.block_params
-    host = {"runtime (torch, transformers)": RUNTIME_HOST,
+    runtime = ("runtime (torch, transformers)", RUNTIME_HOST) if cpu else \
+        ("runtime (torch, transformers, CUDA)", RUNTIME_HOST + CUDA_RUNTIME_HOST)
+    host = {runtime[0]: runtime[1],
             "embeddings and head (float32)": 4 * s.outer_params,
             "block weights (current + next)": min(2, s.blocks) * weights,  # the next is read ahead
             "compressed block being written": weights}
