@@ -210,10 +210,13 @@ def main() -> None:
         row["plan_seconds_per_block"] = plan.seconds_per_block and round(plan.seconds_per_block, 1)
     row["plan_host_error"] = round(plan.peak_host / mem.peak_rss - 1, 3)
     args.results.parent.mkdir(parents=True, exist_ok=True)
+    if not args.no_floors:
+        row["partial"] = True  # the same row follows with the floors
     with open(args.results, "a") as fh:
         fh.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
     if not args.no_floors:
+        del row["partial"]
         torch.cuda.empty_cache() if device.type == "cuda" else None
         row["floor"] = floors(model, opts, device, max(1, plan.batch_tokens // args.seqlen))
         row["per_block_over_floor"] = round(per_block / row["floor"]["floor"], 2)

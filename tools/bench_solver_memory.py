@@ -5,9 +5,11 @@
   python tools/bench_solver_memory.py --cholesky 8192 21504 28672 --eigh 8192
 
 For each size: peak allocated device bytes during torch.linalg.cholesky_ex (float64, as
-method/decompose.py calls it) and torch.linalg.eigh, above the input and the outputs. Then the
-process's resident host memory after importing torch, after CUDA's first use, after the first
-cuBLAS call and after the first cuSOLVER call. One JSON line per measurement.
+method/decompose.py calls it) and torch.linalg.eigh, above the input and the outputs, and the
+temporaries of gathering a covariance's marginal block three ways (indexing, two index_selects,
+the engine's `submatrix`). Then the process's resident host memory after importing torch, after
+CUDA's first use, after the first cuBLAS call and after the first cuSOLVER call. One JSON line
+per measurement.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import json
 
 import psutil
 import torch
+
+from sola_stream.method.decompose import submatrix
 
 GIB = 2**30
 
@@ -55,6 +59,9 @@ def main() -> None:
     a = torch.randn(256, 256, device="cuda")
     (a @ a).sum().item()
     host["after first cuBLAS call"] = rss()
+    torch.linalg.cholesky_ex(a @ a.T + 256 * torch.eye(256, device="cuda"))
+    torch.cuda.synchronize()
+    host["after first cuSOLVER call"] = rss()
     del a
     for n in args.cholesky:
         c = spd(n)
@@ -63,7 +70,6 @@ def main() -> None:
                           "workspace_gib": ws}), flush=True)
         del c
         torch.cuda.empty_cache()
-    host["after first cuSOLVER call"] = rss()
     for n in args.eigh:
         c = spd(n)
         ws = above(lambda: torch.linalg.eigh(c), n * n * 8 + n * 8)
@@ -77,7 +83,8 @@ def main() -> None:
         index = torch.randperm(n, device="cuda")[:m].sort().values
         for how, fn in (("c[index[:, None], index]", lambda: c[index[:, None], index]),
                         ("c.index_select(0, index).index_select(1, index)",
-                         lambda: c.index_select(0, index).index_select(1, index))):
+                         lambda: c.index_select(0, index).index_select(1, index)),
+                        ("submatrix(c, index) (the engine's)", lambda: submatrix(c, index))):
             ws = above(fn, m * m * 4)
             print(json.dumps({"call": how, "n": n, "m": m, "dtype": "float32", "output_gib": round(m * m * 4 / GIB, 3),
                               "temporary_gib": ws}), flush=True)

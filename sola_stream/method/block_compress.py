@@ -93,7 +93,7 @@ class Layout:
                 with phase("whitening"):
                     if key in neuron_keys:  # the largest statistics, used once: freed as early as can be
                         c = covs.pop(key)
-                        if index is not None:  # one gather of the marginal block (no rows-only copy)
+                        if index is not None:  # the marginal block gathered a slab of rows at a time (submatrix)
                             c = submatrix(c, index)
                         c = c.double()  # the float32 original is freed here, before the factor exists
                         self.whiteners[wkey] = cholesky_whitener(c, what=f"{key} covariance", overwrite=True)

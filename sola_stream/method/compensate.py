@@ -53,7 +53,7 @@ def prime_columns_fit(w: torch.Tensor, cov: torch.Tensor, prime: torch.Tensor, m
     Returns (spectrum of W*_q in the Schur metric, T = C_pp^-1 C_pq (p x q), damping added to S).
     For a rank's factors A, B: D = W*_p + (W*_q - A B) T^T (see `prime_columns`)."""
     p, q = prime.to(cov.device), marginal.to(cov.device)
-    # each block gathered at once and then made float64 (no float64 copy of the whole C, no row copies)
+    # each block gathered (in slabs of rows: submatrix), then made float64 (no float64 copy of the whole C)
     c_pp = submatrix(cov, p).double()
     Lp, _ = cholesky_whitener(c_pp, what=f"{what} (prime neurons)", overwrite=True)
     del c_pp

@@ -55,7 +55,6 @@ def cholesky_whitener(cov: torch.Tensor, what: str = "covariance", overwrite: bo
     raise ValueError(f"{what}: Cholesky failed even with damping {damping:.3g} (NaN/Inf in calibration states?)")
 
 
-
 SUBMATRIX_SLAB = 256 << 20  # bytes: the most `submatrix` holds beside its result
 
 
@@ -70,6 +69,7 @@ def submatrix(c: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor | None = N
     for s in range(0, len(rows), step):
         torch.index_select(c.index_select(0, rows[s:s + step]), 1, cols, out=out[s:s + step])
     return out
+
 
 @dataclass
 class Spectrum:

@@ -11,8 +11,6 @@ run. On the CPU, torch's flash kernel takes grouped heads in float32: nothing ch
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -27,12 +25,24 @@ def repeats_heads(query: torch.Tensor) -> bool:
     return query.device.type != "cpu" and query.dtype not in _HALF
 
 
+class _Ungrouped:
+    """The attention module as sdpa_attention_forward sees it once its heads are repeated: one
+    query head per key/value head, every other attribute the module's own."""
+
+    num_key_value_groups = 1
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
 def sola_sdpa_forward(module, query, key, value, attention_mask, **kwargs):
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1 and repeats_heads(query):
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-        # sdpa_attention_forward reads only these two attributes of its module
-        module = SimpleNamespace(num_key_value_groups=1, is_causal=getattr(module, "is_causal", True))
+        module = _Ungrouped(module)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
