@@ -126,7 +126,8 @@ def _run_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--ratio", type=_ratios, default=[0.2], metavar="R[,R...]",
                    help="fraction of parameters to remove (of the block linear weights, or of the whole "
                         "model with --ratio-of model); several, comma-separated, write one output per ratio "
-                        "into OUTPUT/ratio-R, sharing the survey of --allocation global (default: 0.2)")
+                        "into OUTPUT/ratio-R, sharing the survey of --allocation global, and with "
+                        "--propagate original each block's statistics pass too (default: 0.2)")
     c.add_argument("--ratio-of", default="blocks", choices=["blocks", "model"],
                    help="what --ratio counts: the decoder blocks' linear weights (the papers' definition) or "
                         "all parameters of the model (embeddings and head are kept, so the blocks lose more)")
@@ -247,6 +248,7 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _compress(args) -> int:
+    from sola_stream.pipeline import lockstep
     from sola_stream.pipeline.distributed import Ranks
     from sola_stream.pipeline.engine import compress
     from sola_stream.pipeline.memory import PeakMemory
@@ -258,9 +260,16 @@ def _compress(args) -> int:
     ranks = Ranks.from_env()  # several processes under torchrun (docs/CLUSTER.md)
     if ranks.active:
         ranks.init(runs[0].resolved_device().type)
+    outs = [args.output if len(args.ratio) == 1 else str(Path(args.output) / f"ratio-{ratio:g}") for ratio in args.ratio]
     try:
-        for ratio, opts in zip(args.ratio, runs):
-            out = args.output if len(args.ratio) == 1 else str(Path(args.output) / f"ratio-{ratio:g}")
+        if lockstep.applies(runs, ranks):  # one statistics pass per block feeds every ratio
+            with PeakMemory() as mem:
+                summaries = lockstep.compress_lockstep(args.model, outs, runs, progress=not args.no_progress,
+                                                       overwrite=args.overwrite, shared=shared)
+            for s, opts in zip(summaries, runs):
+                _report(s, opts, mem)
+            return 0
+        for out, opts in zip(outs, runs):
             with PeakMemory() as mem:  # the whole call (tokenization included); GPU peaks come from the engine
                 s = compress(args.model, out, opts, progress=not args.no_progress, overwrite=args.overwrite,
                              shared=shared, ranks=ranks)

@@ -161,3 +161,20 @@ def test_plan_for_ranks_is_one_ranks_share():
     assert r.returncode == 2 and "--ranks 2 --ranks-per-node 3" in r.stderr
     r, _ = run("plan", config, "--ranks", "4", "--nsamples", "2", "--no-measure")
     assert r.returncode == 2 and "fewer calibration windows than the 4 ranks" in r.stderr
+
+
+def test_plan_for_ratios_in_lockstep_keeps_the_covariances_and_a_block_per_output():
+    """Several ratios from one statistics pass (pipeline/lockstep.py): the covariances stay for
+    every fit (the decomposition's peak rises to the split choice's), a compressed block per output
+    waits for its commit, and every output's fit is timed."""
+    cfg = json.loads((ROOT / "tools" / "configs" / "llama-2-70b.json").read_text())
+    opts = CompressOptions(nsamples=128, seqlen=2048, propagate="original")
+    one = make_plan(cfg, opts, torch.device("cuda"), budget_device=80 * GIB, budget_host=512 * GIB)
+    three = make_plan(cfg, opts, torch.device("cuda"), budget_device=80 * GIB, budget_host=512 * GIB, outputs=3)
+    auto = make_plan(cfg, CompressOptions(nsamples=128, seqlen=2048, **prime_options("auto")), torch.device("cuda"),
+                     budget_device=80 * GIB, budget_host=512 * GIB)
+    key = "decomposition (float64, covariances included)"
+    assert one.device_parts[key] < three.device_parts[key] == auto.device_parts[key]
+    written = "compressed block being written"
+    assert three.host_parts[written] == 3 * one.host_parts[written]
+    assert three.flops_per_block > one.flops_per_block and three.states_bytes == one.states_bytes

@@ -171,7 +171,7 @@ def test_the_probe_measures_windows_the_statistics_never_saw(tiny_models, tmp_pa
     its states are those windows' embeddings, none of the calibration windows' (measured on
     SmolLM2, 36.2 against 36.8 when the probe reused a calibration window: docs/BENCHMARKS.md)."""
     import sola_stream.pipeline.survey as survey_module
-    from sola_stream.pipeline.engine import TOKENIZE_PIECE_CHARS, load_tokenizer
+    from sola_stream.pipeline.setup import TOKENIZE_PIECE_CHARS, load_tokenizer
 
     path = tiny_models["llama"]
     seen = []

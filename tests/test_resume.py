@@ -444,3 +444,53 @@ def test_a_bad_ratio_in_a_list_is_refused_before_any_output(model4, tmp_path):
     out = tmp_path / "multi"
     one_error_line(cli(model4, out, "--ratio", "0.2,1.5"), "--ratio", "1.5")
     assert not out.exists()
+
+
+def _lockstep_options(*extra: str) -> list[CompressOptions]:
+    from sola_stream.cli import _options, build_parser
+    args = build_parser().parse_args(["compress", "m", "o", *ARGS, *extra])
+    return [_options(args, r) for r in args.ratio]
+
+
+def test_propagated_original_states_feed_every_ratio_from_one_statistics_pass(model4, tmp_path):
+    """--propagate original with several ratios: one statistics pass per block for all of them
+    (counted through sola_stream.phases), each output byte-identical to its ratio run alone, and a
+    kill between two outputs' commits of one block resumes to the same bytes."""
+    from sola_stream.phases import listening
+    from sola_stream.pipeline.lockstep import applies, compress_lockstep
+    extra = ("--propagate", "original", "--ratio", "0.2,0.4")
+    options = _lockstep_options(*extra)
+    assert applies(options) and not applies(_lockstep_options("--ratio", "0.2,0.4"))
+    passes = []
+    outs = [str(tmp_path / "multi" / f"ratio-{r}") for r in ("0.2", "0.4")]
+    with listening(lambda name, entering: passes.append(name) if entering and name == "statistics" else None):
+        summaries = compress_lockstep(str(model4), outs, options, progress=False)
+    assert passes == ["statistics"] * 4  # one per block, not one per block and ratio
+    assert [round(s.target_ratio, 2) for s in summaries] == [0.2, 0.4]
+    for ratio in ("0.2", "0.4"):
+        sola = json.loads((tmp_path / "multi" / f"ratio-{ratio}" / "config.json").read_text())["sola"]
+        assert abs(sola["achieved_ratio_blocks"] - float(ratio)) < 0.005
+        alone = tmp_path / f"alone-{ratio}"
+        assert cli(model4, alone, "--propagate", "original", "--ratio", ratio).returncode == 0
+        assert hashes(alone) == hashes(tmp_path / "multi" / f"ratio-{ratio}"), ratio
+    # killed after block 1 is committed to the first output only: the outputs stand at different blocks
+    out = tmp_path / "crashed"
+    r = cli(model4, out, *extra, crash="block_committed:3")
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    blocks = [len(json.loads((out / f"ratio-{r}" / RUN_DIR / "manifest.json").read_text())["blocks"])
+              for r in ("0.2", "0.4")]
+    assert blocks == [2, 1]
+    r = cli(model4, out, *extra)
+    assert r.returncode == 0, r.stderr
+    for ratio in ("0.2", "0.4"):
+        assert hashes(out / f"ratio-{ratio}") == hashes(tmp_path / f"alone-{ratio}"), ratio
+        assert all(e.get("shared_statistics") for e in read_log(out / f"ratio-{ratio}") if e["event"] == "block")
+    # a SIGTERM stops every output at the same block; the rerun completes them
+    out = tmp_path / "stopped"
+    r = cli(model4, out, *extra, crash="block_compressed:2:TERM")
+    assert r.returncode == EXIT_INTERRUPTED, r.stderr
+    assert "stopped after block 1 of 4" in r.stderr
+    for ratio in ("0.2", "0.4"):
+        assert len(json.loads((out / f"ratio-{ratio}" / RUN_DIR / "manifest.json").read_text())["blocks"]) == 2
+    assert cli(model4, out, *extra).returncode == 0
+    assert hashes(out / "ratio-0.4") == hashes(tmp_path / "alone-0.4")

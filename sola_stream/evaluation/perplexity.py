@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from sola_stream.storage.calibration import default_eval_path, read_text, tokenize
 from sola_stream.pipeline.cpus import set_threads
 from sola_stream.storage.checkpoint import CheckpointReader
-from sola_stream.pipeline.engine import embed_windows, load_tokenizer
+from sola_stream.pipeline.engine import embed_windows
+from sola_stream.pipeline.setup import load_tokenizer
 from sola_stream.pipeline.options import check_device, check_threads
 from sola_stream.errors import InputError
 from sola_stream.nn.build import build_block

@@ -6,32 +6,27 @@ block is committed (resume.py), so an interrupted run resumes at the first unfin
 """
 from __future__ import annotations
 
-import math
 import time
 from contextlib import ExitStack
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from sola_stream import __version__, faults
 from sola_stream.storage import output
-from sola_stream.storage.calibration import TOKENIZE_PIECE_CHARS, calibration_windows, read_calibration_text, text_hash, tokenize
 from sola_stream.storage.checkpoint import CheckpointReader
 from sola_stream.method.block_compress import BlockResult, compress_block
 from sola_stream.pipeline.distributed import SINGLE, Ranks
-from sola_stream.pipeline.cpus import set_threads
 from sola_stream.errors import InputError, OutputError
-from sola_stream.pipeline.memory import PeakMemory, release_free_memory, to_host
+from sola_stream.pipeline.memory import PeakMemory, to_host
 from sola_stream.nn.build import build_block
 from sola_stream.pipeline.overlap import Background, Prefetch
-from sola_stream.pipeline.plan import available_host_memory, make_plan
 from sola_stream.pipeline.options import CompressOptions
+from sola_stream.pipeline.setup import outer_digest, prepare
 from sola_stream.storage.input_checks import check_finite_tensors
 from sola_stream.storage.runlog import RunLog
-from sola_stream.pipeline.resume import RunDir, fingerprint
+from sola_stream.pipeline.resume import RunDir
 from sola_stream.pipeline.summary import Summary, block_entry, sola_section, summarize
 from sola_stream.pipeline.stop import STOP_FILE, GracefulStop, Interrupted
 from sola_stream.pipeline.skeleton import Skeleton
@@ -41,15 +36,6 @@ from sola_stream.pipeline.state_cache import StateCache, Streams
 from sola_stream.pipeline.survey import survey
 from sola_stream.pipeline.prime_split import WINDOWS as SPLIT_WINDOWS, choose_split
 from sola_stream.pipeline.block_forward import BlockStats, run_block
-
-
-def load_tokenizer(path: Path, config=None):
-    """The checkpoint's tokenizer. `config`: the model's transformers config, given so that an
-    output's config.json (model_type "sola_<family>", remote code) is never read for it."""
-    try:
-        return AutoTokenizer.from_pretrained(str(path), **({"config": config} if config is not None else {}))
-    except Exception as exc:
-        raise InputError(f"{path}: tokenizer missing or unreadable ({type(exc).__name__}: {exc})") from None
 
 
 def embed_windows(skeleton: Skeleton, windows: torch.Tensor, batch: int, out: torch.Tensor | None = None,
@@ -68,35 +54,6 @@ def embed_windows(skeleton: Skeleton, windows: torch.Tensor, batch: int, out: to
     return out, kwargs
 
 
-def check_paths(model_dir: Path, out_dir: Path) -> None:
-    """The output may not be, hold or sit inside the input model (nothing may touch the input)."""
-    src, dst = model_dir.resolve(), out_dir.resolve()
-    if src == dst:
-        raise OutputError(f"{out_dir}: output directory is the input model directory")
-    if src.is_relative_to(dst):
-        raise OutputError(f"{out_dir}: output directory contains the input model ({model_dir})")
-    if dst.is_relative_to(src):
-        raise OutputError(f"{out_dir}: output directory is inside the input model directory ({model_dir})")
-
-
-def blocks_ratio(options: CompressOptions, reader: CheckpointReader, family, n: int) -> CompressOptions:
-    """A ratio of the whole model restated as the ratio of the block linear weights that removes
-    the same number of parameters (only block linears are compressed)."""
-    if options.ratio_of == "blocks":
-        return options
-    linears = sum(math.prod(reader.shape(family.block_prefix(i) + name + ".weight"))
-                  for i in range(n) for name in family.linears)
-    ratio = options.ratio * output.model_params(reader) / linears
-    if ratio >= 1.0:
-        raise InputError(f"--ratio {options.ratio} --ratio-of model: the block linear weights are only "
-                         f"{linears / output.model_params(reader):.1%} of the model's parameters")
-    return replace(options, ratio=ratio, ratio_of="blocks", model_ratio=options.ratio)
-
-
-def outer_digest(reader: CheckpointReader, layers_prefix: str) -> str:
-    return reader.digest("", [n for n in reader.names() if not n.startswith(layers_prefix)])
-
-
 def compress(model: str, out: str, options: CompressOptions, progress: bool = True,
              keep_final_states: bool = False, overwrite: bool = False, shared: dict | None = None,
              ranks: Ranks = SINGLE) -> Summary:
@@ -104,46 +61,14 @@ def compress(model: str, out: str, options: CompressOptions, progress: bool = Tr
     run (what they can share is left in it: the survey of --allocation global). `ranks`: this
     process's place in a run of several (torchrun; pipeline/distributed.py): every rank calls
     this with the same arguments, takes its share of the calibration windows, and rank 0 writes."""
-    options.validate()
-    if ranks.active and options.fit == "compensate":
-        raise InputError("--fit compensate runs in one process only: it is not yet spread over ranks "
-                         "(run it without torchrun)")
-    t0 = time.time()
-    threads = "{} ({})".format(*set_threads(options.threads, ranks.local_world))
-    device = ranks.device(options.resolved_device())
-    reader = CheckpointReader(model)
+    setup = prepare(model, [out], [options], progress, ranks)
+    options, plan, fp = setup.options[0], setup.plans[0], setup.fingerprints[0]
+    reader, skeleton, family, device, n = setup.reader, setup.skeleton, setup.family, setup.device, setup.n
+    windows, probe_ids, batch, planned, t0 = setup.windows, setup.probe_ids, setup.batch, setup.planned, setup.t0
+    calib_desc, tokenizer, threads, layers_prefix = setup.calib_desc, setup.tokenizer, setup.threads, setup.layers_prefix
     out_dir = Path(out)
-    check_paths(reader.path, out_dir)
-    if "sola" in reader.config_dict:
-        raise InputError(f"{reader.path / 'config.json'}: is a sola-stream output; compress the original model")
-    skeleton = Skeleton(reader)
-    family = skeleton.family
-    options = blocks_ratio(options, reader, family, skeleton.num_blocks)
-    plan = make_plan(reader.config_dict, options, device, measure=progress,  # the bar's first ETA
-                     budget_host=None if options.max_host_memory else available_host_memory(),
-                     ranks=ranks.world, ranks_per_node=ranks.local_world)
-    plan.check()
-    options = replace(options, batch_tokens=plan.batch_tokens,
-                      decompose_on="host" if plan.decompose_on_host else "device")
-    tokenizer = load_tokenizer(reader.path, skeleton.config)
-    text, calib_desc = read_calibration_text(options.calib)
-    # the survey's probe windows are drawn after the calibration windows and kept out of the
-    # statistics (random offsets into the same text: they may share some tokens; pipeline/probe.py)
-    windows = calibration_windows(tokenize(tokenizer, text, False, TOKENIZE_PIECE_CHARS), options.nsamples,
-                                  options.seqlen, options.seed, calib_desc, extra=options.probe_windows)
-    windows, probe_ids = windows[:options.nsamples], windows[options.nsamples:]
-    share = ranks.share(len(windows))
-    windows = windows[share.start:share.stop]  # this rank's windows (all of them in one process)
-    calib_sha256 = text_hash(text)
-    del text
-    release_free_memory()
-    batch = max(1, options.batch_tokens // options.seqlen)
-    fp = fingerprint(reader, options.result_options(device), calib_sha256)
-    n = skeleton.num_blocks
-    layers_prefix = family.layers_path + "."
     lead = ranks.rank == 0  # writes the output, the manifest and the log; shows the progress
     progress = progress and lead
-    planned = output.planned_files(reader, n)
 
     with ExitStack() as stack:
         run = ranks.first(lambda: stack.enter_context(RunDir(out_dir, fp, planned, overwrite, ranks.world)),
@@ -356,6 +281,15 @@ def _plain(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: 
            storage: torch.dtype, budget: int | None, importance: dict | None, ranks: Ranks) -> BlockResult:
     """The plain fit: one statistics pass through the original block (carrying the states to
     the next block too with --propagate original), then the block's compression."""
+    stats = statistics(i, weights, skeleton, cache, target, kwargs, options, device, batch, commits, ranks)
+    return fit_block(i, weights, skeleton, stats, kwargs, options, device, batch, storage, budget, importance, ranks)
+
+
+def statistics(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: StateCache, target: torch.Tensor,
+               kwargs: dict, options: CompressOptions, device: torch.device, batch: int, commits: Background,
+               ranks: Ranks) -> tuple[dict, dict, torch.Tensor]:
+    """Block i's statistics pass through the original block: (covariances, neuron scores, the
+    windows the split choice compares candidates on)."""
     family = skeleton.family
     prefix = family.block_prefix(i)
     with phase("weights in"):
@@ -384,6 +318,18 @@ def _plain(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: 
     covs, scores = stats.cov, stats.neuron_scores()
     if options.decompose_on == "host":  # the plan found the device too small for them
         covs, scores = to_host(covs), to_host(scores)
+    return covs, scores, compared
+
+
+def fit_block(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, stats: tuple[dict, dict, torch.Tensor],
+              kwargs: dict, options: CompressOptions, device: torch.device, batch: int, storage: torch.dtype,
+              budget: int | None, importance: dict | None, ranks: Ranks, keep_covs: bool = False) -> BlockResult:
+    """Block i compressed from its statistics (`statistics`): at options.prime_ratio, or at the
+    best of options.prime_choices. `keep_covs`: the covariances are left for another fit (a fit
+    pops those it uses once, to free them early)."""
+    family = skeleton.family
+    prefix = family.block_prefix(i)
+    covs, scores, compared = stats
 
     def fit(split: float, covs=covs) -> BlockResult:
         return compress_block(weights, covs, scores, family, options.method, options.ratio, split, storage, budget,
@@ -391,8 +337,8 @@ def _plain(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: 
 
     try:
         if not options.prime_choices:
-            return fit(options.prime_ratio)
-        # each candidate gets its own view of the statistics (a fit pops the ones it uses once)
+            return fit(options.prime_ratio, dict(covs) if keep_covs else covs)
+        # each candidate gets its own view of the statistics
         result, split, _ = choose_split(
             options.prime_choices, lambda s: fit(s, dict(covs)),
             lambda tensors, specs: build_block(skeleton.meta_block(i), tensors if specs else weights, specs, device,

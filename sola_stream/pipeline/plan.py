@@ -176,7 +176,8 @@ def _fit(options) -> str:
 
 
 def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens: int, cpu: bool,
-                 fit: str = "plain", survey: bool = False, probe: bool = False, choices: bool = False) -> dict[str, int]:
+                 fit: str = "plain", survey: bool = False, probe: bool = False, choices: bool = False,
+                 kept_covs: bool = False) -> dict[str, int]:
     """Bytes on the compute device for each step of one block (float32 compute, float64 math).
     The compensating fit holds two blocks (the original and the one being compressed), the input
     of one layer per stream and a cross-covariance beside each covariance. GPU terms are checked
@@ -202,7 +203,8 @@ def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens
         covs += 2 * 4 * widest * widest
     # with --prime-ratio auto the smallest split is fitted first (the widest marginal block), with no
     # earlier candidate held; a later one holds the best so far, but a narrower marginal block
-    decomposition = decomposition_peak(s, method, prime_ratio, shared_covs=choices) + (covs - 4 * squares)
+    # (`kept_covs`: several ratios fitted from one statistics pass keep them alike: pipeline/lockstep.py)
+    decomposition = decomposition_peak(s, method, prime_ratio, shared_covs=choices or kept_covs) + (covs - 4 * squares)
     if fit == "compensate":  # pipeline/paired.py: the layout's factors and bases stay while each input
         # group is refitted next to the original block (and, in its paired pass, a working block):
         # the widest group's C and (C + M)/2 in float32, C's float64 copy and factor, and W M
@@ -314,10 +316,13 @@ def marginal_neurons(s: Shapes, method: str, prime_ratio: float) -> list[int]:
 
 
 def make_plan(cfg: dict, options, device: torch.device, budget_device: int | None = None,
-              budget_host: int | None = None, measure: bool = False, ranks: int = 1, ranks_per_node: int = 1) -> Plan:
+              budget_host: int | None = None, measure: bool = False, ranks: int = 1, ranks_per_node: int = 1,
+              outputs: int = 1) -> Plan:
     """Plan for `options` (CompressOptions) on `device`; budgets in bytes (None: what there is).
     With `ranks` processes (torchrun), the plan is one rank's: its share of the windows, its part
-    of the work, and the node's host budget divided among the `ranks_per_node` on it."""
+    of the work, and the node's host budget divided among the `ranks_per_node` on it. With
+    `outputs` > 1, the ratios of one statistics pass per block (pipeline/lockstep.py): its
+    covariances kept for every fit, a compressed block and a fit per output."""
     s = Shapes.from_config(cfg)
     if ranks > 1:
         options = replace(options, nsamples=-(-options.nsamples // ranks))  # the largest share
@@ -342,7 +347,7 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
         windows = min(max(1, tokens // options.seqlen), options.nsamples)  # a chunk holds whole windows
         return device_terms(s, options.method, options.smallest_prime_ratio, options.seqlen, windows * options.seqlen, cpu,
                             _fit(options), survey, survey and bool(getattr(options, "probe_windows", 0)),
-                            choosing)
+                            choosing, outputs > 1)
 
     fixed = 0 if cpu else GPU_FIXED
     tokens = options.batch_tokens or DEFAULT_BATCH_TOKENS["cpu" if cpu else "cuda"]
@@ -369,7 +374,7 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     host = {runtime[0]: runtime[1],
             "embeddings and head (float32)": 4 * s.outer_params,
             "block weights (current + next)": min(2, s.blocks) * weights,  # the next is read ahead
-            "compressed block being written": weights}
+            "compressed block being written": weights * outputs}  # one per output of a lockstep run
     if cpu:
         host["compute (block, chunk, statistics)"] = _peak(dev)
     elif host_decomp:
@@ -424,6 +429,7 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     if choosing:  # every candidate split is fitted, and run with the original block on the compared windows
         decompositions *= len(options.prime_choices)
         decompositions += (len(options.prime_choices) + 1) * 2 * s.block_params * compared
+    decompositions *= outputs
     flops = passes * forward + covariances * (2 if _fit(options) == "compensate" else 1) + decompositions
     if survey:
         flops += forward + covariances + surveyed  # the survey pass (pipeline/survey.py)

@@ -14,7 +14,7 @@ from sola_stream.storage.checkpoint import INDEX_NAME, CheckpointReader
 from sola_stream.storage.atomic import atomic_copy
 from sola_stream.errors import InputError
 from sola_stream.storage.ownership import MARKER, finish_output, read_marker
-from sola_stream.pipeline.engine import load_tokenizer
+from sola_stream.pipeline.setup import load_tokenizer
 from sola_stream.storage.output import MODELING_FILE, MODELING_SOURCE, TOKENIZER_CONFIG, output_config, pin_tokenizer_class
 from sola_stream.storage.sola_section import check_sola_section
 from sola_stream.pipeline.skeleton import Skeleton
