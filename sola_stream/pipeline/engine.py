@@ -164,11 +164,16 @@ def _obey(stop: GracefulStop, ranks: Ranks, run: RunDir, log: RunLog | None, out
     if log:
         (run.dir / STOP_FILE).unlink(missing_ok=True)  # obeyed: the resumed run goes on
         log.write("stopped", **({"survey_block": i} if survey else {"after_block": i}))
+    raise stopped(str(out_dir), i, n, survey)
+
+
+def stopped(where: str, i: int, n: int, survey: bool) -> Interrupted:
+    """The error of a run stopped after block i of the survey pass (`survey`) or of the compressing pass."""
     if survey:
-        raise Interrupted(f"{out_dir}: stopped in the survey pass after block {i} of {n} (no block is committed "
-                          "yet; the survey starts over); run the same command again to resume")
-    raise Interrupted(f"{out_dir}: stopped after block {i} of {n} (blocks 0..{i} are committed); "
-                      "run the same command again to resume")
+        return Interrupted(f"{where}: stopped in the survey pass after block {i} of {n} (no block is committed "
+                           "yet; the survey starts over); run the same command again to resume")
+    return Interrupted(f"{where}: stopped after block {i} of {n} (blocks 0..{i} are committed); "
+                       "run the same command again to resume")
 
 
 def _verify(run: RunDir, start: int, outer: str, reader: CheckpointReader, family, progress: bool, log,

@@ -24,16 +24,16 @@ from tqdm.auto import tqdm
 from sola_stream import __version__, faults
 from sola_stream.pipeline.distributed import SINGLE, Ranks
 from sola_stream.pipeline.engine import (_budgets, _check_manifest, _commit, _finish, _verify, compress, embed_windows,
-                                         fit_block, statistics)
+                                         fit_block, statistics, stopped)
 from sola_stream.pipeline.memory import PeakMemory
 from sola_stream.pipeline.options import CompressOptions
 from sola_stream.pipeline.overlap import Background, Prefetch
 from sola_stream.pipeline.resume import RunDir
 from sola_stream.pipeline.setup import outer_digest, prepare
 from sola_stream.pipeline.state_cache import Streams
-from sola_stream.pipeline.stop import STOP_FILE, GracefulStop, Interrupted
+from sola_stream.pipeline.stop import STOP_FILE, GracefulStop
 from sola_stream.pipeline.summary import Summary, block_entry, summarize
-from sola_stream.storage.atomic import fsync_dir, write_error
+from sola_stream.storage.atomic import atomic_write
 from sola_stream.storage.input_checks import check_finite_tensors
 from sola_stream.storage.runlog import RunLog
 
@@ -172,9 +172,8 @@ def _commit_all(setup, lead: _Output, active: list[_Output], results: list, i: i
         hashes.update(persist())
         return hashes
 
-    by_output = {id(o): r for o, r in zip(active, results)}
-    for o in [lead] + [o for o in active if o is not lead]:  # the lead is at the smallest next block: active
-        result = by_output[id(o)]
+    # the lead (at the smallest next block, so always active) first: the others link what it persists
+    for o, result in sorted(zip(active, results), key=lambda pair: pair[0] is not lead):
         states = None if persist is None else persist_lead if o is lead else \
             (lambda o=o: (_link_states(lead.run, o.run, i + 1, hashes), hashes)[1])
         entry = block_entry(i, result, digest)
@@ -186,23 +185,20 @@ def _commit_all(setup, lead: _Output, active: list[_Output], results: list, i: i
 
 def _link_states(source: RunDir, dest: RunDir, block: int, hashes: dict) -> None:
     """The states of `block` that `source` persisted (`hashes`: by stream), made durable in `dest`
-    too: a hard link (one file on disk), or a copy where the two directories cannot share one."""
+    too, atomically: a hard link (one file on disk), or a copy where the two directories cannot
+    share one."""
     for stream in hashes:
-        src, dst = source.states_path(block, stream), dest.states_path(block, stream)
+        src = source.states_path(block, stream)
         if not src.is_file():  # a bug, not an input: the lead persisted it just before
             raise RuntimeError(f"{src}: the states to share are missing")
-        dst.unlink(missing_ok=True)
-        try:
-            os.link(src, dst)
-        except OSError:
-            try:
-                shutil.copyfile(src, dst)
-                with open(dst, "rb+") as fh:
-                    os.fsync(fh.fileno())
-            except OSError as exc:
-                dst.unlink(missing_ok=True)
-                raise write_error(dst, exc) from None
-        fsync_dir(dst.parent)
+        atomic_write(dest.states_path(block, stream), lambda tmp, src=src: _link_or_copy(src, tmp))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 class _Stop:
@@ -231,8 +227,4 @@ def _obey(requested: _Stop, outputs: list[_Output], commits: Background, bar, i:
     for o in outputs:
         if o.start <= i or survey:
             o.log.write("stopped", **({"survey_block": i} if survey else {"after_block": i}))
-    where = ", ".join(str(o.dir) for o in outputs)
-    if survey:
-        raise Interrupted(f"{where}: stopped in the survey pass after block {i} of {n} (no block is committed "
-                          "yet; the survey starts over); run the same command again to resume")
-    raise Interrupted(f"{where}: stopped after block {i} of {n}; run the same command again to resume")
+    raise stopped(", ".join(str(o.dir) for o in outputs), i, n, survey)
