@@ -174,3 +174,37 @@ def test_engine_attention_repeats_grouped_heads_and_computes_the_same(monkeypatc
         stock = model(ids).logits
     assert len(calls) == 2  # every block's attention took the repeating path
     torch.testing.assert_close(repeated, stock, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family_name", ["llama", "mixtral"])
+def test_several_ratios_from_one_layout_equal_each_ratio_alone(tiny_models, family_name):
+    """compress_shares (several ratios' outputs of a block, pipeline/lockstep.py): each split's
+    whitening and spectra are made once for all of them, and each output's tensors are exactly its
+    ratio's alone; a ratio that leaves no room beyond the prime neurons gets its BudgetError."""
+    from sola_stream.method.block_compress import BudgetError, Share, compress_shares
+    from sola_stream.phases import listening
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[family_name], dtype=torch.float32).eval()
+    family = family_for(model.config)
+    block = family.prepare(model.get_submodule(family.layers_path)[0])
+    stats = BlockStats(block, family)
+    with torch.no_grad():
+        model(torch.randint(0, 384, (2, 32), generator=torch.Generator().manual_seed(0)))
+    stats.remove()
+    weights = {k: v.to(torch.bfloat16) for k, v in block.state_dict().items()}
+    scores = stats.neuron_scores()
+    importance = {n: 1.0 + k for k, n in enumerate(family.linears)}  # a model-wide allocation's layer weights
+    shares = [Share(0.2), Share(0.99), Share(0.4, budget=None, importance=importance)]
+    spectra = []
+    with listening(lambda name, entering: spectra.append(name) if entering and name == "spectra" else None):
+        results = compress_shares(weights, dict(stats.cov), scores, family, "sola", 0.25, torch.bfloat16, shares)
+    assert len(spectra) == len(family.linears)  # once per layer, not once per layer and ratio
+    assert isinstance(results[1], BudgetError) and "ratio 0.99" in str(results[1])
+    for share, got in zip(shares, results):
+        if share.ratio == 0.99:
+            continue
+        alone = compress_block(weights, dict(stats.cov), scores, family, "sola", share.ratio, 0.25, torch.bfloat16,
+                               importance=share.importance)
+        assert got.specs == alone.specs and got.kept_params == alone.kept_params and got.error == alone.error
+        assert got.tensors.keys() == alone.tensors.keys()
+        assert all(torch.equal(got.tensors[k], alone.tensors[k]) for k in got.tensors), share
+    assert results[0].kept_params > results[2].kept_params

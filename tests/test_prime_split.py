@@ -32,28 +32,35 @@ class Scale(torch.nn.Module):
         return x * self.factor
 
 
-def test_the_split_with_the_closest_output_is_kept_and_unaffordable_ones_skipped():
+def test_each_output_keeps_the_split_with_the_closest_output_and_skips_unaffordable_ones():
+    """Two outputs (two ratios of one block): each keeps its own best split among those its
+    budget pays for; the original block runs once for both."""
     states = torch.randn(WINDOWS, 5, 8)
-    factors = {0.1: 1.3, 0.3: 0.95, 0.5: 1.02, 0.7: None}  # 0.7: more prime neurons than the budget pays for
-    seen = []
+    # by split, each output's stand-in block factor (None: more prime neurons than its budget pays for)
+    factors = {0.1: (1.3, 1.01), 0.3: (0.95, 1.2), 0.5: (1.02, None), 0.7: (None, None)}
+    seen, originals = [], []
 
     def fit(split):
         seen.append(split)
-        if factors[split] is None:
-            raise BudgetError("budget")
-        return SimpleNamespace(tensors={"f": factors[split]}, specs={"s": split})
+        return [BudgetError("budget") if f is None else SimpleNamespace(tensors={"f": f}, specs={"s": split})
+                for f in factors[split]]
 
     def build(tensors, specs):
+        if specs is None:
+            originals.append(1)
         return Scale(1.0 if specs is None else tensors["f"])
 
-    result, split, errors = choose_split((0.1, 0.3, 0.5, 0.7), fit, build, states, {}, "cpu", 2)
-    assert split == 0.5 and result.specs == {"s": 0.5} and seen == [0.1, 0.3, 0.5, 0.7]
+    chosen = choose_split((0.1, 0.3, 0.5, 0.7), fit, build, states, {}, "cpu", 2)
+    assert [(split, result.specs) for result, split, _ in chosen] == [(0.5, {"s": 0.5}), (0.1, {"s": 0.1})]
+    assert seen == [0.1, 0.3, 0.5, 0.7] and originals == [1]
     x = states.double()
-    for s, f in ((0.1, 1.3), (0.3, 0.95), (0.5, 1.02)):
-        assert errors[s] == pytest.approx(float(((f - 1) * x).square().sum()), rel=1e-5)
-    assert set(errors) == {0.1, 0.3, 0.5}
-    with pytest.raises(ValueError, match="no prime split"):
-        choose_split((0.7,), fit, build, states, {}, "cpu", 2)
+    for j, expected in enumerate(({0.1: 1.3, 0.3: 0.95, 0.5: 1.02}, {0.1: 1.01, 0.3: 1.2})):
+        errors = chosen[j][2]
+        assert set(errors) == set(expected)
+        for s, f in expected.items():
+            assert errors[s] == pytest.approx(float(((f - 1) * x).square().sum()), rel=1e-5)
+    with pytest.raises(ValueError, match="no prime split"):  # the second output fits no split of these
+        choose_split((0.5, 0.7), fit, build, states, {}, "cpu", 2)
 
     def broken(split):  # any other failure of a fit (a Cholesky that fails) is not "does not fit"
         raise ValueError("Cholesky failed")

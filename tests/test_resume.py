@@ -453,8 +453,8 @@ def _lockstep_options(*extra: str) -> list[CompressOptions]:
 
 
 def test_propagated_original_states_feed_every_ratio_from_one_statistics_pass(model4, tmp_path):
-    """--propagate original with several ratios: one statistics pass per block for all of them
-    (counted through sola_stream.phases), each output byte-identical to its ratio run alone, and a
+    """--propagate original with several ratios: one statistics pass and one set of spectra per
+    block and split for all of them (counted through sola_stream.phases), each output byte-identical to its ratio run alone, and a
     kill between two outputs' commits of one block resumes to the same bytes."""
     from sola_stream.phases import listening
     from sola_stream.pipeline.lockstep import applies, compress_lockstep
@@ -462,10 +462,17 @@ def test_propagated_original_states_feed_every_ratio_from_one_statistics_pass(mo
     options = _lockstep_options(*extra)
     assert applies(options) and not applies(_lockstep_options("--ratio", "0.2,0.4"))
     passes = []
+    counted = ("statistics", "spectra", "prime split choice")
     outs = [str(tmp_path / "multi" / f"ratio-{r}") for r in ("0.2", "0.4")]
-    with listening(lambda name, entering: passes.append(name) if entering and name == "statistics" else None):
+    with listening(lambda name, entering: passes.append(name) if entering and name in counted else None):
         summaries = compress_lockstep(str(model4), outs, options, progress=False)
-    assert passes == ["statistics"] * 4  # one per block, not one per block and ratio
+    # per block: one statistics pass, and the spectra (7 layers) of the survey and of each candidate
+    # split once, not once per ratio; the original block's outputs on the compared windows once
+    # (tests/test_prime_split.py), then each output's candidates that its budget pays for
+    splits = len(options[0].prime_choices)
+    assert options[0].allocation == "global" and splits > 1
+    assert passes.count("statistics") == 4 and passes.count("spectra") == 4 * (1 + splits) * 7
+    assert 4 * (1 + splits) < passes.count("prime split choice") <= 4 * (1 + 2 * splits)
     assert [round(s.target_ratio, 2) for s in summaries] == [0.2, 0.4]
     for ratio in ("0.2", "0.4"):
         sola = json.loads((tmp_path / "multi" / f"ratio-{ratio}" / "config.json").read_text())["sola"]

@@ -58,8 +58,9 @@ def decomposition_cost(m: int, n: int, whitened_width: int) -> float:
 
 class Layout:
     """What a block's compression decides before any factor is made, from its statistics: the
-    prime/marginal split of each FFN, each layer's rank (None: dense), the layers kept dense for
-    want of tokens, and the spectra the ranks were chosen on (reused by a plain fit).
+    prime/marginal split of each FFN, the layers kept dense for want of tokens, the spectra the
+    ranks are chosen on (reused by a plain fit), and each layer's rank (None: dense) for `ratio`
+    (None: none yet; `allocate` chooses them, again for each ratio fitted from one layout).
 
     `covs`: input covariances by group key (see pipeline/block_forward.py); the FFN-neuron ones are
     consumed (removed from the dict once whitened, so a 70B block's 3 GiB matrix does not outlive
@@ -71,12 +72,12 @@ class Layout:
     survey's probe, pipeline/probe.py); None: every layer's relative error counts alike."""
 
     def __init__(self, weights: dict[str, torch.Tensor], covs: dict[str, torch.Tensor],
-                 scores: dict[str, torch.Tensor], family: Family, method: str, ratio: float, prime_ratio: float,
-                 budget: int | None = None, values_only: bool = False, spread=None,
+                 scores: dict[str, torch.Tensor], family: Family, method: str, ratio: float | None,
+                 prime_ratio: float, budget: int | None = None, values_only: bool = False, spread=None,
                  importance: dict[str, float] | None = None):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}")
-        self.family, self.method = family, method
+        self.family, self.method, self.prime_ratio = family, method, prime_ratio
         linears = family.linears
         self.shapes = shapes = {n: tuple(weights[n + ".weight"].shape) for n in linears}
         self.dense_params = sum(m * n for m, n in shapes.values())
@@ -145,20 +146,34 @@ class Layout:
         if spread is not None:
             energies, self.damping = spread.share(energies, self.damping)
 
-        keep = 1.0 - ratio
         # parameters spent whatever the ranks: prime rows/columns and layers kept dense for want of tokens
         self.fixed = fixed + sum(math.prod(shapes[n]) for n in self.starved)
+        self.targets, self.energies = targets, energies
+        self.candidates = self._candidates(importance)
+        if ratio is not None:
+            self.allocate(ratio, budget, importance)
+
+    def _candidates(self, importance: dict[str, float] | None) -> list[Candidate]:
         # a layer the survey did not see (an expert no token reached then) counts as the block's most important
-        self.candidates = [Candidate(n, *targets[n], energies[n],
-                                     None if importance is None else importance.get(n, max(importance.values(), default=1.0)))
-                           for n in targets]
-        if method == "sola":
+        return [Candidate(n, *t, self.energies[n],
+                          None if importance is None else importance.get(n, max(importance.values(), default=1.0)))
+                for n, t in self.targets.items()]
+
+    def allocate(self, ratio: float, budget: int | None = None, importance: dict[str, float] | None = None) -> None:
+        """Every layer's rank (self.ranks, used by the fits that follow) for `ratio` of the block's
+        parameters removed, or for `budget` parameters (a model-wide allocation's share), with
+        `importance` its layers' weights there. The whitening and spectra do not depend on them:
+        a layout whose spectra are kept (fit's `keep`) is allocated again for another ratio."""
+        keep = 1.0 - ratio
+        targets = self.targets
+        if self.method == "sola":
             # the block's share of the parameters: its own (1 - ratio), or what a model-wide allocation gave it
             budget = (math.floor(keep * self.dense_params) if budget is None else budget) - self.fixed
             if budget <= 0:
-                raise BudgetError(f"ratio {ratio} leaves no room beyond the prime neurons (prime ratio {prime_ratio})")
+                raise BudgetError(f"ratio {ratio} leaves no room beyond the prime neurons "
+                                  f"(prime ratio {self.prime_ratio})")
             with phase("allocation"):
-                ranks = allocate(self.candidates, budget)
+                ranks = allocate(self._candidates(importance), budget)
         else:
             ranks = {n: uniform_rank(*targets[n], keep) for n in targets}
         self.ranks = {n: (max(r, 1) if r is not None else None) for n, r in ranks.items()}
@@ -184,17 +199,18 @@ class Layout:
         return w, float(sp.energy[rank:].sum())
 
     def fit(self, name: str, weights: dict[str, torch.Tensor], storage_dtype: torch.dtype,
-            cov: torch.Tensor | None = None, cross: torch.Tensor | None = None) -> tuple[dict, dict, float]:
+            cov: torch.Tensor | None = None, cross: torch.Tensor | None = None,
+            keep: bool = False) -> tuple[dict, dict, float]:
         """Layer `name`'s tensors (relative to the block, in `storage_dtype`), spec and dropped
         fraction of its whitened output energy. Without `cov`: the plain fit, on the spectra the
-        ranks were chosen on. With `cov` (C of the inputs the compressed model produces) and
+        ranks were chosen on (freed once fitted, unless `keep`: another ratio is fitted after). With `cov` (C of the inputs the compressed model produces) and
         `cross` ((C + M)/2, M against the original model's inputs: compensate.local_and_cumulative):
         the error-compensating fit (method/compensate.py) at the same rank and split."""
         w, bias = weights[name + ".weight"], weights.get(name + ".bias")
         rank, split = self.ranks[name], self.splits.get(name)
         prime_cols = None
         if cov is None or name in self.starved or self.method == "svd":
-            sp = self.spectra.pop(name, None)
+            sp = self.spectra.get(name) if keep else self.spectra.pop(name, None)
         else:
             self.spectra.pop(name, None)
             key = self.family.group_of(name)
@@ -251,6 +267,15 @@ class Layout:
                            starved=self.starved)
 
 
+@dataclass(frozen=True)
+class Share:
+    """What one output spends on a block: `ratio` of its parameters removed, or `budget`
+    parameters (a model-wide allocation's share), with `importance` its layers' weights there."""
+    ratio: float
+    budget: int | None = None
+    importance: dict[str, float] | None = None
+
+
 @torch.no_grad()
 def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
                    family: Family, method: str, ratio: float, prime_ratio: float,
@@ -258,19 +283,40 @@ def compress_block(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tenso
                    importance: dict[str, float] | None = None) -> BlockResult:
     """The plain fit of a whole block: `weights` are the block tensors by name relative to the
     block (linears' `.weight`, biases, norms); see Layout for `covs`, `scores`, `budget` and `spread`."""
+    result, = compress_shares(weights, covs, scores, family, method, prime_ratio, storage_dtype,
+                              [Share(ratio, budget, importance)], spread)
+    if isinstance(result, BudgetError):
+        raise result
+    return result
+
+
+@torch.no_grad()
+def compress_shares(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
+                    family: Family, method: str, prime_ratio: float, storage_dtype: torch.dtype,
+                    shares: list[Share], spread=None) -> list[BlockResult | BudgetError]:
+    """The plain fit of a whole block for each of `shares` (several ratios' outputs) at one split:
+    the whitening and spectra are made once, then each share's allocation and factors. A share
+    whose budget does not pay for the split's prime neurons gets its BudgetError instead."""
     with phase("decomposition"):
-        layout = Layout(weights, covs, scores, family, method, ratio, prime_ratio, budget, spread=spread,
-                        importance=importance)
-        fitted = {}
-        for name in family.linears:
-            if spread is None or spread.mine(name):
-                with phase("factors"):
-                    fitted[name] = layout.fit(name, weights, storage_dtype)  # frees this layer's basis before the next
-        if spread is not None:
-            fitted = spread.collect(fitted, list(family.linears))
-            if any(fitted[n][1]["rank"] != layout.ranks[n] for n in family.linears):  # a bug, not an input
-                raise RuntimeError("the processes of the run allocated different ranks to one block")
-        return layout.result(weights, fitted)
+        layout = Layout(weights, covs, scores, family, method, None, prime_ratio, spread=spread)
+        results: list[BlockResult | BudgetError] = []
+        for j, share in enumerate(shares):
+            try:
+                layout.allocate(share.ratio, share.budget, share.importance)
+            except BudgetError as exc:
+                results.append(exc)
+                continue
+            fitted = {}
+            for name in family.linears:
+                if spread is None or spread.mine(name):
+                    with phase("factors"):  # the last share frees each layer's basis before the next
+                        fitted[name] = layout.fit(name, weights, storage_dtype, keep=j < len(shares) - 1)
+            if spread is not None:
+                fitted = spread.collect(fitted, list(family.linears))
+                if any(fitted[n][1]["rank"] != layout.ranks[n] for n in family.linears):  # a bug, not an input
+                    raise RuntimeError("the processes of the run allocated different ranks to one block")
+            results.append(layout.result(weights, fitted))
+        return results
 
 
 def _factored(w: torch.Tensor, sp: Spectrum | None, rank: int | None, prefix: str) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from sola_stream import __version__, faults
 from sola_stream.storage import output
 from sola_stream.storage.checkpoint import CheckpointReader
-from sola_stream.method.block_compress import BlockResult, compress_block
+from sola_stream.method.block_compress import BlockResult, BudgetError, Share, compress_shares
 from sola_stream.pipeline.distributed import SINGLE, Ranks
 from sola_stream.errors import InputError, OutputError
 from sola_stream.pipeline.memory import PeakMemory, to_host
@@ -287,7 +287,8 @@ def _plain(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: 
     """The plain fit: one statistics pass through the original block (carrying the states to
     the next block too with --propagate original), then the block's compression."""
     stats = statistics(i, weights, skeleton, cache, target, kwargs, options, device, batch, commits, ranks)
-    return fit_block(i, weights, skeleton, stats, kwargs, options, device, batch, storage, budget, importance, ranks)
+    return fit_blocks(i, weights, skeleton, stats, kwargs, options, [Share(options.ratio, budget, importance)], device,
+                      batch, storage, ranks)[0]
 
 
 def statistics(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cache: StateCache, target: torch.Tensor,
@@ -326,32 +327,38 @@ def statistics(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, cac
     return covs, scores, compared
 
 
-def fit_block(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, stats: tuple[dict, dict, torch.Tensor],
-              kwargs: dict, options: CompressOptions, device: torch.device, batch: int, storage: torch.dtype,
-              budget: int | None, importance: dict | None, ranks: Ranks, keep_covs: bool = False) -> BlockResult:
-    """Block i compressed from its statistics (`statistics`): at options.prime_ratio, or at the
-    best of options.prime_choices. `keep_covs`: the covariances are left for another fit (a fit
-    pops those it uses once, to free them early)."""
+def fit_blocks(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, stats: tuple[dict, dict, torch.Tensor],
+               kwargs: dict, options: CompressOptions, shares: list[Share], device: torch.device, batch: int,
+               storage: torch.dtype, ranks: Ranks) -> list[BlockResult]:
+    """Block i compressed from its statistics (`statistics`) once per share (an output's ratio or
+    budget: several in lockstep, pipeline/lockstep.py), at options.prime_ratio or at each share's
+    best of options.prime_choices. Each split's whitening and spectra are made once for all shares
+    (method/block_compress.py compress_shares), and the original block is run once to compare them."""
     family = skeleton.family
     prefix = family.block_prefix(i)
     covs, scores, compared = stats
 
-    def fit(split: float, covs=covs) -> BlockResult:
-        return compress_block(weights, covs, scores, family, options.method, options.ratio, split, storage, budget,
-                              spread=ranks.spread(), importance=importance)
+    def fit(split: float, covs=covs) -> list:
+        return compress_shares(weights, covs, scores, family, options.method, split, storage, shares,
+                               spread=ranks.spread())
 
     try:
         if not options.prime_choices:
-            return fit(options.prime_ratio, dict(covs) if keep_covs else covs)
-        # each candidate gets its own view of the statistics
-        result, split, _ = choose_split(
+            results = fit(options.prime_ratio)
+            for result in results:
+                if isinstance(result, BudgetError):
+                    raise result
+            return results
+        # each candidate split gets its own view of the statistics (a layout consumes the FFN's)
+        chosen = choose_split(
             options.prime_choices, lambda s: fit(s, dict(covs)),
             lambda tensors, specs: build_block(skeleton.meta_block(i), tensors if specs else weights, specs, device,
                                                torch.float32),
             compared, kwargs, device, batch, ranks,
             f"calibration states in block {i} ({prefix}*), prime split choice")
-        result.prime_split = split
-        return result
+        for result, split, _ in chosen:
+            result.prime_split = split
+        return [result for result, _, _ in chosen]
     except ValueError as exc:
         raise InputError(f"block {i} ({prefix}*): {exc}") from None
 

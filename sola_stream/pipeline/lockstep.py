@@ -1,7 +1,8 @@
 """Several ratios from one statistics pass per block: `--ratio R1,R2,... --propagate original`.
 
 When the original model's states are propagated, block i of every ratio sees the same inputs, so
-one statistics pass (which also carries the states to the next block) feeds every ratio's fit.
+one statistics pass (which also carries the states to the next block) feeds every ratio's fit,
+and each candidate split's whitening and spectra are made once for all of them (engine.fit_blocks).
 Each output stays a run of its own (fingerprint, manifest, lock, resume state: the same as a run
 of that ratio alone, which can resume it); the first output at the smallest next block owns the
 states cache and the others hard-link the states it persists. A resume starts at the smallest next
@@ -22,9 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from sola_stream import __version__, faults
+from sola_stream.method.block_compress import Share
 from sola_stream.pipeline.distributed import SINGLE, Ranks
 from sola_stream.pipeline.engine import (_budgets, _check_manifest, _commit, _finish, _verify, compress, embed_windows,
-                                         fit_block, statistics, stopped)
+                                         fit_blocks, statistics, stopped)
 from sola_stream.pipeline.memory import PeakMemory
 from sola_stream.pipeline.options import CompressOptions
 from sola_stream.pipeline.overlap import Background, Prefetch
@@ -63,8 +65,8 @@ def compress_lockstep(model: str, outs: list[str], options_list: list[CompressOp
     setup = prepare(model, outs, options_list, progress)
     shared = {} if shared is None else shared
     if not setup.together:  # the budgets hold one ratio's pass, not all of them at once
-        print("sola-stream: the memory budgets do not hold every ratio's fit of one statistics pass; "
-              "the ratios run one after the other", file=sys.stderr)
+        print("sola-stream: the memory budgets do not hold every ratio's compressed blocks of one statistics "
+              "pass; the ratios run one after the other", file=sys.stderr)
         return [compress(model, out, options, progress=progress, overwrite=overwrite, shared=shared)
                 for out, options in zip(outs, options_list)]
     reader, skeleton, family, device, n = setup.reader, setup.skeleton, setup.family, setup.device, setup.n
@@ -137,10 +139,10 @@ def _run_blocks(setup, working: list[_Output], requested, outer: str, progress: 
             target = cache.main.begin_block(i)
             stats = statistics(i, block_weights, skeleton, cache.main, target, kwargs[i], first, device, batch, commits,
                                SINGLE)
-            results = [fit_block(i, block_weights, skeleton, stats, kwargs[i], o.options, device, batch, storage,
-                                 o.budgets[i] if o.budgets else None, o.importance[i] if o.importance else None,
-                                 SINGLE, keep_covs=o is not active[-1])
-                       for o in active]
+            shares = [Share(o.options.ratio, o.budgets[i] if o.budgets else None,
+                            o.importance[i] if o.importance else None) for o in active]
+            results = fit_blocks(i, block_weights, skeleton, stats, kwargs[i], first, shares, device, batch, storage,
+                                 SINGLE)
             del block_weights, stats
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -34,6 +34,9 @@ CUDA_RUNTIME_HOST = int(0.36 * GIB)
 # sm90 (aten/src/ATen/cuda/CUDABlas.cpp); allocated once, kept
 CUBLAS_WORKSPACES = 4096 * 1024 * 2 + 16 * 1024 * 8 + 32 * 2**20
 GPU_FIXED = CUDA_CONTEXT + CUBLAS_WORKSPACES
+# of one split's decomposition time (whitening, spectra, factors), the factors' part: what each more
+# output of a lockstep run adds (SmolLM2 on the CPU: 6.8 s of 41 s per run, docs/BENCHMARKS.md)
+FACTORS_SHARE = 0.2
 DEFAULT_BATCH_TOKENS = {"cpu": 1024, "cuda": 16384}  # CPU: small chunks stay in cache (measured)
 
 
@@ -176,8 +179,8 @@ def _fit(options) -> str:
 
 
 def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens: int, cpu: bool,
-                 fit: str = "plain", survey: bool = False, probe: bool = False, choices: bool = False,
-                 kept_covs: bool = False) -> dict[str, int]:
+                 fit: str = "plain", survey: bool = False, probe: bool = False,
+                 choices: bool = False) -> dict[str, int]:
     """Bytes on the compute device for each step of one block (float32 compute, float64 math).
     The compensating fit holds two blocks (the original and the one being compressed), the input
     of one layer per stream and a cross-covariance beside each covariance. GPU terms are checked
@@ -203,8 +206,8 @@ def device_terms(s: Shapes, method: str, prime_ratio: float, seqlen: int, tokens
         covs += 2 * 4 * widest * widest
     # with --prime-ratio auto the smallest split is fitted first (the widest marginal block), with no
     # earlier candidate held; a later one holds the best so far, but a narrower marginal block
-    # (`kept_covs`: several ratios fitted from one statistics pass keep them alike: pipeline/lockstep.py)
-    decomposition = decomposition_peak(s, method, prime_ratio, shared_covs=choices or kept_covs) + (covs - 4 * squares)
+    # (several ratios fitted from one statistics pass share each split's layout: pipeline/lockstep.py)
+    decomposition = decomposition_peak(s, method, prime_ratio, shared_covs=choices) + (covs - 4 * squares)
     if fit == "compensate":  # pipeline/paired.py: the layout's factors and bases stay while each input
         # group is refitted next to the original block (and, in its paired pass, a working block):
         # the widest group's C and (C + M)/2 in float32, C's float64 copy and factor, and W M
@@ -321,8 +324,9 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     """Plan for `options` (CompressOptions) on `device`; budgets in bytes (None: what there is).
     With `ranks` processes (torchrun), the plan is one rank's: its share of the windows, its part
     of the work, and the node's host budget divided among the `ranks_per_node` on it. With
-    `outputs` > 1, the ratios of one statistics pass per block (pipeline/lockstep.py): its
-    covariances kept for every fit, a compressed block and a fit per output."""
+    `outputs` > 1, the ratios of one statistics pass per block (pipeline/lockstep.py): each split's
+    whitening and spectra made once for all of them (the device's peak is one output's), a
+    compressed block, factors and comparisons per output."""
     s = Shapes.from_config(cfg)
     if ranks > 1:
         options = replace(options, nsamples=-(-options.nsamples // ranks))  # the largest share
@@ -346,8 +350,7 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     def terms(tokens: int) -> dict[str, int]:
         windows = min(max(1, tokens // options.seqlen), options.nsamples)  # a chunk holds whole windows
         return device_terms(s, options.method, options.smallest_prime_ratio, options.seqlen, windows * options.seqlen, cpu,
-                            _fit(options), survey, survey and bool(getattr(options, "probe_windows", 0)),
-                            choosing, outputs > 1)
+                            _fit(options), survey, survey and bool(getattr(options, "probe_windows", 0)), choosing)
 
     fixed = 0 if cpu else GPU_FIXED
     tokens = options.batch_tokens or DEFAULT_BATCH_TOKENS["cpu" if cpu else "cuda"]
@@ -380,11 +383,13 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     elif host_decomp:
         host["decompositions (float64, on the host)"] = _decomposition(dev)
     chunk = 4 * tokens * s.hidden
-    if choosing:  # pipeline/prime_split.py: the best candidate so far and the one being fitted (the
-        # previous block's commit may still hold a third, counted above), and the original block's
-        # and the candidate's outputs on the windows they are compared on
-        host["prime split choice (two compressed blocks, outputs)"] = (
-            2 * weights + 2 * 4 * compared * s.hidden)
+    if choosing:  # pipeline/prime_split.py: per output, the best candidate so far and the one fitted at
+        # the current split (the previous block's commit may still hold another, counted above), and
+        # the original block's and a candidate's outputs on the windows they are compared on
+        host["prime split choice (two compressed blocks per output, outputs)"] = (
+            2 * weights * outputs + 2 * 4 * compared * s.hidden)
+    elif outputs > 1:  # the other outputs' results wait while the last one's layers are fitted
+        host["compressed blocks of the other outputs"] = weights * (outputs - 1)
     probe = getattr(options, "probe_windows", 0) if survey else 0
     probe_tokens = probe * options.seqlen  # drawn beside the calibration windows; the first rank runs them all
     if survey:
@@ -426,10 +431,12 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     # decompositions (layers are not split: pipeline/distributed.py Spread)
     decompositions *= largest_decomposition_share(s, ms, ranks)
     surveyed = decompositions  # the survey fits one split
-    if choosing:  # every candidate split is fitted, and run with the original block on the compared windows
-        decompositions *= len(options.prime_choices)
-        decompositions += (len(options.prime_choices) + 1) * 2 * s.block_params * compared
-    decompositions *= outputs
+    splits = len(options.prime_choices) if choosing else 1
+    # every candidate split is fitted; several outputs (lockstep) share its whitening and spectra, each
+    # making its own factors (FACTORS_SHARE of a split's time)
+    decompositions *= splits * (1 + (outputs - 1) * FACTORS_SHARE)
+    if choosing:  # each output's candidates, and the original block once, run on the compared windows
+        decompositions += (splits * outputs + 1) * 2 * s.block_params * compared
     flops = passes * forward + covariances * (2 if _fit(options) == "compensate" else 1) + decompositions
     if survey:
         flops += forward + covariances + surveyed  # the survey pass (pipeline/survey.py)

@@ -26,31 +26,36 @@ WINDOWS = 4  # calibration windows a block's candidates are compared on
 @torch.no_grad()
 def choose_split(choices, fit, build, states: torch.Tensor, kwargs: dict, device, batch: int,
                  ranks: Ranks = SINGLE, what: str = "calibration states"):
-    """The block result of the split in `choices` whose block output is closest to the original's.
-    `fit(split)`: the block's result at that split (BudgetError: the split does not fit the
-    budget, skipped); `build(tensors, specs)`: a block module (specs None: the original block);
-    `states`: this process's share of the windows compared on (the run's first WINDOWS; errors
-    are summed over the processes of a run, so every one of them chooses what one process would).
-    Non-finite outputs are an InputError saying `what`, raised on every process.
-    Returns (result, split, errors by split)."""
+    """For each output of a block (one per ratio), its result at the split in `choices` whose block
+    output is closest to the original's. `fit(split)`: the block's results at that split, one per
+    output (a BudgetError instead for an output whose budget the split does not fit: skipped for
+    it); `build(tensors, specs)`: a block module (specs None: the original block, run once for
+    every output); `states`: this process's share of the windows compared on (the run's first
+    WINDOWS; errors are summed over the processes of a run, so every one of them chooses what one
+    process would). Non-finite outputs are an InputError saying `what`, raised on every process.
+    Returns [(result, split, errors by split)] by output."""
     def outputs(block) -> torch.Tensor:
         return ranks.everywhere(lambda: _outputs(block, states, kwargs, device, batch, what))
 
     reference = outputs(build(None, None))
-    best, errors = None, {}
+    best: list = []  # by output: (result, split) so far
+    errors: list[dict] = []
     for split in choices:
-        try:
-            result = fit(split)
-        except BudgetError:  # more prime neurons than the budget pays for (any other error is raised)
-            continue
-        out = outputs(build(result.tensors, result.specs))
-        errors[split] = ranks.sum_numbers([float((out - reference).double().square().sum())])[0]
-        if best is None or errors[split] < errors[best[1]]:
-            best = (result, split)
-        del result, out
-    if best is None:
+        results = fit(split)
+        if not best:
+            best, errors = [None] * len(results), [{} for _ in results]
+        for j in range(len(results)):
+            result, results[j] = results[j], None  # the best one kept, the others freed as they are compared
+            if isinstance(result, BudgetError):  # more prime neurons than the budget pays for
+                continue
+            out = outputs(build(result.tensors, result.specs))
+            errors[j][split] = ranks.sum_numbers([float((out - reference).double().square().sum())])[0]
+            if best[j] is None or errors[j][split] < errors[j][best[j][1]]:
+                best[j] = (result, split)
+            del result, out
+    if not best or any(b is None for b in best):
         raise ValueError(f"no prime split of {', '.join(map(str, choices))} fits the block's budget")
-    return best[0], best[1], errors
+    return [(result, split, errs) for (result, split), errs in zip(best, errors)]
 
 
 def _outputs(block, x: torch.Tensor, kwargs: dict, device, batch: int, what: str) -> torch.Tensor:

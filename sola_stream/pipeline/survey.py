@@ -99,9 +99,9 @@ def survey(skeleton, states: torch.Tensor, kwargs: dict[int, dict], probe_ids: t
             covs, scores = stats.cov, stats.neuron_scores()
             if getattr(options, "decompose_on", "device") == "host":  # the plan found the device too small
                 covs, scores = to_host(covs), to_host(scores)
-            # ranks for ratio 0 are computed and ignored: only the spectra and the split are used. A
-            # probe cuts every layer, so its process factors all of them (no spread)
-            layout = Layout(weights, covs, scores, family, options.method, 0.0, options.prime_ratio,
+            # no ranks allocated: only the spectra and the split are used. A probe cuts every layer,
+            # so its process factors all of them (no spread)
+            layout = Layout(weights, covs, scores, family, options.method, None, options.prime_ratio,
                             values_only=probe is None, spread=None if probing else ranks.spread())
             if probing:
                 with phase("probe"):
