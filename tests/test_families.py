@@ -179,9 +179,10 @@ def test_engine_attention_repeats_grouped_heads_and_computes_the_same(monkeypatc
 @pytest.mark.parametrize("family_name", ["llama", "mixtral"])
 def test_several_ratios_from_one_layout_equal_each_ratio_alone(tiny_models, family_name):
     """compress_shares (several ratios' outputs of a block, pipeline/lockstep.py): each split's
-    whitening and spectra are made once for all of them, and each output's tensors are exactly its
-    ratio's alone; a ratio that leaves no room beyond the prime neurons gets its BudgetError."""
-    from sola_stream.method.block_compress import BudgetError, Share, compress_shares
+    whitening and spectra are made once for all of them, and each output's tensors are exactly
+    those of a layout made for its ratio, budget and layer weights alone; a ratio that leaves no
+    room beyond the prime neurons gets its BudgetError."""
+    from sola_stream.method.block_compress import BudgetError, Layout, Share, compress_shares
     from sola_stream.phases import listening
     model = AutoModelForCausalLM.from_pretrained(tiny_models[family_name], dtype=torch.float32).eval()
     family = family_for(model.config)
@@ -192,8 +193,9 @@ def test_several_ratios_from_one_layout_equal_each_ratio_alone(tiny_models, fami
     stats.remove()
     weights = {k: v.to(torch.bfloat16) for k, v in block.state_dict().items()}
     scores = stats.neuron_scores()
-    importance = {n: 1.0 + k for k, n in enumerate(family.linears)}  # a model-wide allocation's layer weights
-    shares = [Share(0.2), Share(0.99), Share(0.4, budget=None, importance=importance)]
+    importance = {n: 4.0 ** -k for k, n in enumerate(family.linears)}  # a model-wide allocation's layer weights
+    dense = sum(weights[n + ".weight"].numel() for n in family.linears)
+    shares = [Share(0.2), Share(0.99), Share(0.4, importance=importance), Share(0.4), Share(0.0, budget=dense // 2)]
     spectra = []
     with listening(lambda name, entering: spectra.append(name) if entering and name == "spectra" else None):
         results = compress_shares(weights, dict(stats.cov), scores, family, "sola", 0.25, torch.bfloat16, shares)
@@ -202,9 +204,48 @@ def test_several_ratios_from_one_layout_equal_each_ratio_alone(tiny_models, fami
     for share, got in zip(shares, results):
         if share.ratio == 0.99:
             continue
-        alone = compress_block(weights, dict(stats.cov), scores, family, "sola", share.ratio, 0.25, torch.bfloat16,
-                               importance=share.importance)
+        with torch.no_grad():  # the reference: a layout of its own for this share, fitted layer by layer
+            layout = Layout(weights, dict(stats.cov), scores, family, "sola", share.ratio, 0.25, share.budget,
+                            importance=share.importance)
+            alone = layout.result(weights, {n: layout.fit(n, weights, torch.bfloat16) for n in family.linears})
         assert got.specs == alone.specs and got.kept_params == alone.kept_params and got.error == alone.error
         assert got.tensors.keys() == alone.tensors.keys()
         assert all(torch.equal(got.tensors[k], alone.tensors[k]) for k in got.tensors), share
-    assert results[0].kept_params > results[2].kept_params
+    assert results[0].kept_params > results[3].kept_params
+    assert results[2].specs != results[3].specs  # the layer weights moved ranks at the same ratio
+    assert abs(results[4].kept_params - dense // 2) <= dense * 0.01  # the budget, not the ratio, set it
+
+
+def test_a_share_that_does_not_fit_frees_the_layout_at_once(tiny_models):
+    """A BudgetError is handed back without its traceback: with one, it would keep the layout
+    (bases, whitening factors, the covariances: gigabytes on a 70B block's device) in a reference
+    cycle until the garbage collector ran."""
+    import gc
+    import weakref
+    from sola_stream.method import block_compress
+    from sola_stream.method.block_compress import BudgetError, Share, compress_shares
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+    family = family_for(model.config)
+    block = model.model.layers[0]
+    stats = BlockStats(block, family)
+    with torch.no_grad():
+        model(torch.randint(0, 384, (2, 32), generator=torch.Generator().manual_seed(0)))
+    stats.remove()
+    weights = {k: v.clone() for k, v in block.state_dict().items()}
+    made = []
+
+    class Tracked(block_compress.Layout):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made.append(weakref.ref(self))
+
+    original, block_compress.Layout = block_compress.Layout, Tracked
+    gc.disable()
+    try:
+        results = compress_shares(weights, dict(stats.cov), stats.neuron_scores(), family, "sola", 0.65,
+                                  torch.float32, [Share(0.99)])
+        assert isinstance(results[0], BudgetError)
+        assert made and made[0]() is None  # freed by reference counting alone
+    finally:
+        gc.enable()
+        block_compress.Layout = original

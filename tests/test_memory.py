@@ -183,3 +183,6 @@ def test_plan_for_ratios_in_lockstep_shares_the_device_and_holds_a_block_per_out
         assert held == 2 * block + 2 * block * (2 if prime.get("prime_choices") else 1), prime
         assert one.flops_per_block < three.flops_per_block < 3 * one.flops_per_block
         assert three.states_bytes == one.states_bytes
+        # with --propagate compressed a block takes a pass more (the propagation); original: the statistics pass carries it
+        compressed = make_plan(cfg, CompressOptions(nsamples=128, seqlen=2048, **prime), torch.device("cuda"), **kw)
+        assert compressed.flops_per_block > one.flops_per_block

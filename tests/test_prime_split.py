@@ -59,8 +59,8 @@ def test_each_output_keeps_the_split_with_the_closest_output_and_skips_unafforda
         assert set(errors) == set(expected)
         for s, f in expected.items():
             assert errors[s] == pytest.approx(float(((f - 1) * x).square().sum()), rel=1e-5)
-    with pytest.raises(ValueError, match="no prime split"):  # the second output fits no split of these
-        choose_split((0.5, 0.7), fit, build, states, {}, "cpu", 2)
+    with pytest.raises(ValueError, match=r"no prime split .* \(ratio 0.4\)$"):  # the second output fits none of these
+        choose_split((0.5, 0.7), fit, build, states, {}, "cpu", 2, labels=["ratio 0.2", "ratio 0.4"])
 
     def broken(split):  # any other failure of a fit (a Cholesky that fails) is not "does not fit"
         raise ValueError("Cholesky failed")

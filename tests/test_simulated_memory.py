@@ -100,3 +100,18 @@ def test_prime_split_choice_is_simulated_and_planned():
     assert out["plan_phases"]["peak decomposition"] >= max(v for k, v in out["phases"].items()
                                                           if k.startswith("decomposition"))
     assert out["plan_phases"]["peak prime split choice"] >= out["phases"]["prime split choice"] > 0.5
+
+
+@pytest.mark.parametrize("prime", [{"prime_ratio": 0.25}, prime_options("auto")])
+def test_ratios_in_lockstep_hold_on_the_device_what_one_ratio_holds(prime):
+    """Several ratios from one statistics pass share each split's layout (pipeline/lockstep.py):
+    every step's simulated peak is that of the run of the largest-rank ratio alone (its bases are
+    freed as the last ratio's factors are made, layer by layer), and the plan holds it."""
+    cfg = config("llama-2-70b")
+    options = CompressOptions(nsamples=128, seqlen=2048, device="cpu", propagate="original", ratio=0.2, **prime)
+    alone = simulate(cfg, options, 24, 1, "llama-2-70b")
+    three = simulate(cfg, options, 24, 1, "llama-2-70b", ratios=(0.2, 0.3, 0.4))
+    for step, gib in three["phases"].items():
+        assert gib <= alone["phases"][step] + 0.01, step
+    assert three["phases"]["decomposition / factors"] >= alone["phases"]["decomposition / factors"] - 0.01
+    assert three["peak_gib"] <= three["plan_gib"] <= 1.10 * three["peak_gib"]

@@ -47,7 +47,9 @@ from sola_stream.cli import prime_ratio_arg
 from sola_stream.pipeline.options import AUTO_CHOICES, prime_options
 from sola_stream.errors import InputError
 from sola_stream.families import family_for_dict, meta_model, transformers_config
+from sola_stream.method.block_compress import Share
 from sola_stream.pipeline import engine
+from sola_stream.pipeline.distributed import SINGLE
 from sola_stream.pipeline.options import CompressOptions
 from sola_stream.pipeline.overlap import Background
 from sola_stream.phases import listening
@@ -260,10 +262,15 @@ def with_blocks(cfg: dict, blocks: int, where: str) -> dict:
 
 
 def simulate(cfg: dict, options: CompressOptions, gpu_cap_gib: float, blocks: int = 1,
-             where: str = "config.json") -> dict:
-    """Simulated device memory of `blocks` blocks of the run (module docstring), beside the plan."""
+             where: str = "config.json", ratios: tuple[float, ...] = ()) -> dict:
+    """Simulated device memory of `blocks` blocks of the run (module docstring), beside the plan.
+    `ratios`: several outputs in lockstep (pipeline/lockstep.py; needs --propagate original): one
+    statistics pass per block, then every ratio's fit (engine.fit_blocks)."""
     cap = int(gpu_cap_gib * GIB)
-    plan = make_plan(cfg, options, torch.device("cuda"), budget_device=cap, budget_host=2**62)
+    if ratios and options.propagate != "original":
+        raise InputError("--ratios: several ratios run in lockstep only with --propagate original")
+    plan = make_plan(cfg, options, torch.device("cuda"), budget_device=cap, budget_host=2**62,
+                     outputs=max(1, len(ratios)))
     options = replace(options, batch_tokens=plan.batch_tokens,
                       decompose_on="host" if plan.decompose_on_host else "device")
     batch = max(1, plan.batch_tokens // options.seqlen)
@@ -281,13 +288,21 @@ def simulate(cfg: dict, options: CompressOptions, gpu_cap_gib: float, blocks: in
         if options.allocation == "global" and options.method == "sola":
             probe_ids = torch.zeros((options.probe_windows, options.seqlen), dtype=torch.long)
             found = survey(skeleton, target, kwargs, probe_ids, options, GPU, batch, progress=False)
-            budgets = found.budgets(options.ratio)
+            budgets = [found.budgets(r) for r in ratios] if ratios else found.budgets(options.ratio)
         streams.take_first()
         commits = Background("commit")
         for i in range(blocks):
             weights = reader.tensors(skeleton.family.block_prefix(i))
-            engine._compress_one(i, weights, skeleton, streams, kwargs[i], options, GPU, batch, commits,
-                                 budget=budgets[i] if budgets else None)
+            if ratios:  # as pipeline/lockstep.py does it
+                stats = engine.statistics(i, weights, skeleton, streams.main, streams.main.begin_block(i), kwargs[i],
+                                          options, GPU, batch, commits, SINGLE)
+                shares = [Share(r, budgets[k][i] if budgets else None) for k, r in enumerate(ratios)]
+                engine.fit_blocks(i, weights, skeleton, stats, kwargs[i], options, shares, GPU, batch,
+                                  weights[skeleton.family.linears[0] + ".weight"].dtype, SINGLE)
+                del stats
+            else:
+                engine._compress_one(i, weights, skeleton, streams, kwargs[i], options, GPU, batch, commits,
+                                     budget=budgets[i] if budgets else None)
             commits.wait()
             streams.take_target(i + 1)
         used_cublas = tracker.cublas_used
@@ -334,6 +349,9 @@ def main() -> int:
                    help=f"a number, or auto (each block tries {', '.join(map(str, AUTO_CHOICES))})")
     p.add_argument("--fit", default="plain", help="plain or compensate (default plain)")
     p.add_argument("--allocation", default="block", help="block or global (default block)")
+    p.add_argument("--propagate", default="compressed", help="compressed or original (default compressed)")
+    p.add_argument("--ratios", type=lambda v: tuple(float(r) for r in v.split(",")), default=(),
+                   help="R1,R2,...: several ratios in lockstep (with --propagate original), instead of --ratio")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args()
     path = Path(args.config)
@@ -342,7 +360,7 @@ def main() -> int:
         cfg = json.loads(path.read_text())
         options = CompressOptions(method=args.method, ratio=args.ratio, **prime_options(args.prime_ratio, args.fit),
                                   nsamples=args.nsamples, seqlen=args.seqlen, fit=args.fit,
-                                  allocation=args.allocation, device="cpu")
+                                  allocation=args.allocation, propagate=args.propagate, device="cpu")
         options.validate()
         if args.blocks < 1:
             raise InputError(f"--blocks: {args.blocks} must be at least 1")
@@ -352,7 +370,7 @@ def main() -> int:
             raise InputError(f"--gpu-cap: {args.gpu_cap!r} is not a number of GiB or 'min'") from None
         if not cap > 0:
             raise InputError(f"--gpu-cap: {args.gpu_cap} is not a positive number of GiB")
-        out = simulate(cfg, options, cap, args.blocks, str(path))
+        out = simulate(cfg, options, cap, args.blocks, str(path), args.ratios)
     except (OSError, ValueError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -60,7 +60,7 @@ class Layout:
     """What a block's compression decides before any factor is made, from its statistics: the
     prime/marginal split of each FFN, the layers kept dense for want of tokens, the spectra the
     ranks are chosen on (reused by a plain fit), and each layer's rank (None: dense) for `ratio`
-    (None: none yet; `allocate` chooses them, again for each ratio fitted from one layout).
+    (None: no ranks; `allocate` returns each share's when several are fitted from one layout).
 
     `covs`: input covariances by group key (see pipeline/block_forward.py); the FFN-neuron ones are
     consumed (removed from the dict once whitened, so a 70B block's 3 GiB matrix does not outlive
@@ -149,9 +149,12 @@ class Layout:
         # parameters spent whatever the ranks: prime rows/columns and layers kept dense for want of tokens
         self.fixed = fixed + sum(math.prod(shapes[n]) for n in self.starved)
         self.targets, self.energies = targets, energies
+        # weighted by the constructor's `importance` (a survey's and a probe's: none); a share's
+        # allocation weighs its own (`allocate`)
         self.candidates = self._candidates(importance)
+        self.ranks: dict[str, int | None] | None = None
         if ratio is not None:
-            self.allocate(ratio, budget, importance)
+            self.ranks = self.allocate(ratio, budget, importance)
 
     def _candidates(self, importance: dict[str, float] | None) -> list[Candidate]:
         # a layer the survey did not see (an expert no token reached then) counts as the block's most important
@@ -159,11 +162,12 @@ class Layout:
                           None if importance is None else importance.get(n, max(importance.values(), default=1.0)))
                 for n, t in self.targets.items()]
 
-    def allocate(self, ratio: float, budget: int | None = None, importance: dict[str, float] | None = None) -> None:
-        """Every layer's rank (self.ranks, used by the fits that follow) for `ratio` of the block's
-        parameters removed, or for `budget` parameters (a model-wide allocation's share), with
-        `importance` its layers' weights there. The whitening and spectra do not depend on them:
-        a layout whose spectra are kept (fit's `keep`) is allocated again for another ratio."""
+    def allocate(self, ratio: float, budget: int | None = None,
+                 importance: dict[str, float] | None = None) -> dict[str, int | None]:
+        """Every layer's rank (None: dense) for `ratio` of the block's parameters removed, or for
+        `budget` parameters (a model-wide allocation's share), with `importance` its layers'
+        weights there. The whitening and spectra do not depend on them, so one layout serves
+        several ratios (compress_shares: each fit is given its share's ranks)."""
         keep = 1.0 - ratio
         targets = self.targets
         if self.method == "sola":
@@ -176,8 +180,9 @@ class Layout:
                 ranks = allocate(self._candidates(importance), budget)
         else:
             ranks = {n: uniform_rank(*targets[n], keep) for n in targets}
-        self.ranks = {n: (max(r, 1) if r is not None else None) for n, r in ranks.items()}
-        self.ranks.update({n: None for n in self.starved})
+        ranks = {n: (max(r, 1) if r is not None else None) for n, r in ranks.items()}
+        ranks.update({n: None for n in self.starved})
+        return ranks
 
     def truncated(self, name: str, weights: dict[str, torch.Tensor], keep: float) -> tuple[torch.Tensor, float]:
         """Layer `name`'s whole weight (float32) with its factored part cut to the rank that keeps
@@ -200,14 +205,18 @@ class Layout:
 
     def fit(self, name: str, weights: dict[str, torch.Tensor], storage_dtype: torch.dtype,
             cov: torch.Tensor | None = None, cross: torch.Tensor | None = None,
-            keep: bool = False) -> tuple[dict, dict, float]:
+            ranks: dict[str, int | None] | None = None, keep: bool = False) -> tuple[dict, dict, float]:
         """Layer `name`'s tensors (relative to the block, in `storage_dtype`), spec and dropped
-        fraction of its whitened output energy. Without `cov`: the plain fit, on the spectra the
-        ranks were chosen on (freed once fitted, unless `keep`: another ratio is fitted after). With `cov` (C of the inputs the compressed model produces) and
+        fraction of its whitened output energy, at its rank in `ranks` (default: the constructor's
+        ratio's). Without `cov`: the plain fit, on the spectra the ranks were chosen on (freed once
+        fitted, unless `keep`: another share is fitted from them after). With `cov` (C of the inputs the compressed model produces) and
         `cross` ((C + M)/2, M against the original model's inputs: compensate.local_and_cumulative):
         the error-compensating fit (method/compensate.py) at the same rank and split."""
+        ranks = self.ranks if ranks is None else ranks
+        if ranks is None:  # a bug, not an input
+            raise RuntimeError("Layout.fit before any ranks were allocated")
         w, bias = weights[name + ".weight"], weights.get(name + ".bias")
-        rank, split = self.ranks[name], self.splits.get(name)
+        rank, split = ranks[name], self.splits.get(name)
         prime_cols = None
         if cov is None or name in self.starved or self.method == "svd":
             sp = self.spectra.get(name) if keep else self.spectra.pop(name, None)
@@ -299,23 +308,35 @@ def compress_shares(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tens
     whose budget does not pay for the split's prime neurons gets its BudgetError instead."""
     with phase("decomposition"):
         layout = Layout(weights, covs, scores, family, method, None, prime_ratio, spread=spread)
-        results: list[BlockResult | BudgetError] = []
-        for j, share in enumerate(shares):
+        allocated: list = []  # by share: its ranks, or its BudgetError
+        for share in shares:
             try:
-                layout.allocate(share.ratio, share.budget, share.importance)
+                allocated.append(layout.allocate(share.ratio, share.budget, share.importance))
             except BudgetError as exc:
-                results.append(exc)
-                continue
-            fitted = {}
-            for name in family.linears:
-                if spread is None or spread.mine(name):
-                    with phase("factors"):  # the last share frees each layer's basis before the next
-                        fitted[name] = layout.fit(name, weights, storage_dtype, keep=j < len(shares) - 1)
-            if spread is not None:
-                fitted = spread.collect(fitted, list(family.linears))
-                if any(fitted[n][1]["rank"] != layout.ranks[n] for n in family.linears):  # a bug, not an input
-                    raise RuntimeError("the processes of the run allocated different ranks to one block")
-            results.append(layout.result(weights, fitted))
+                # without its traceback: that would hold this frame (the layout, the covariances)
+                # in a reference cycle until the garbage collector ran
+                allocated.append(exc.with_traceback(None))
+        fitting = [j for j, a in enumerate(allocated) if not isinstance(a, BudgetError)]
+        fitted: list[dict] = [{} for _ in shares]
+        # layer-major: each layer's basis is freed once every share has its factors (the last
+        # share's fit), as in a run of one share; the device never holds more spectra than it would
+        for name in family.linears:
+            if spread is None or spread.mine(name):
+                for j in fitting:
+                    with phase("factors"):
+                        fitted[j][name] = layout.fit(name, weights, storage_dtype, ranks=allocated[j],
+                                                     keep=j != fitting[-1])
+        results: list[BlockResult | BudgetError] = []
+        for j, ranks in enumerate(allocated):
+            if j in fitting:
+                if spread is not None:  # a collective: every process collects every share, in order
+                    fitted[j] = spread.collect(fitted[j], list(family.linears))
+                    if any(fitted[j][n][1]["rank"] != ranks[n] for n in family.linears):  # a bug, not an input
+                        raise RuntimeError("the processes of the run allocated different ranks to one block")
+                results.append(layout.result(weights, fitted[j]))
+                fitted[j] = None
+            else:
+                results.append(ranks)
         return results
 
 

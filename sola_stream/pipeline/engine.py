@@ -355,7 +355,8 @@ def fit_blocks(i: int, weights: dict[str, torch.Tensor], skeleton: Skeleton, sta
             lambda tensors, specs: build_block(skeleton.meta_block(i), tensors if specs else weights, specs, device,
                                                torch.float32),
             compared, kwargs, device, batch, ranks,
-            f"calibration states in block {i} ({prefix}*), prime split choice")
+            f"calibration states in block {i} ({prefix}*), prime split choice",
+            [f"ratio {share.ratio:g}" for share in shares] if len(shares) > 1 else None)
         for result, split, _ in chosen:
             result.prime_split = split
         return [result for result, _, _ in chosen]

@@ -425,8 +425,9 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
     forward = 2 * s.block_params * n_tok + 2 * 2 * n_tok * options.seqlen * s.attn  # one pass over the windows
     covariances = 2 * n_tok * sum(w * w for w in s.group_widths)
     decompositions = sum(m ** 3 / 3 + 2 * h * m * m + 2 * h * m * h * 3 for m in ms) + 2 * h ** 3 + 10 * 4 * h ** 3
-    # plain fit: statistics and propagation passes; compensating fit: about five (pipeline/paired.py)
-    passes = 5 if _fit(options) == "compensate" else 2
+    # plain fit: statistics and propagation passes (with --propagate original the statistics pass
+    # carries the states: one); compensating fit: about five (pipeline/paired.py)
+    passes = 5 if _fit(options) == "compensate" else 1 if getattr(options, "propagate", "") == "original" else 2
     # several ranks: each runs its share of the windows, and the most loaded one its share of the
     # decompositions (layers are not split: pipeline/distributed.py Spread)
     decompositions *= largest_decomposition_share(s, ms, ranks)

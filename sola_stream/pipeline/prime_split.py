@@ -25,14 +25,15 @@ WINDOWS = 4  # calibration windows a block's candidates are compared on
 
 @torch.no_grad()
 def choose_split(choices, fit, build, states: torch.Tensor, kwargs: dict, device, batch: int,
-                 ranks: Ranks = SINGLE, what: str = "calibration states"):
+                 ranks: Ranks = SINGLE, what: str = "calibration states", labels: list[str] | None = None):
     """For each output of a block (one per ratio), its result at the split in `choices` whose block
     output is closest to the original's. `fit(split)`: the block's results at that split, one per
     output (a BudgetError instead for an output whose budget the split does not fit: skipped for
     it); `build(tensors, specs)`: a block module (specs None: the original block, run once for
     every output); `states`: this process's share of the windows compared on (the run's first
     WINDOWS; errors are summed over the processes of a run, so every one of them chooses what one
-    process would). Non-finite outputs are an InputError saying `what`, raised on every process.
+    process would). Non-finite outputs are an InputError saying `what`, raised on every process;
+    an output that no split fits, a ValueError naming its `labels` entry (its ratio).
     Returns [(result, split, errors by split)] by output."""
     def outputs(block) -> torch.Tensor:
         return ranks.everywhere(lambda: _outputs(block, states, kwargs, device, batch, what))
@@ -47,6 +48,7 @@ def choose_split(choices, fit, build, states: torch.Tensor, kwargs: dict, device
         for j in range(len(results)):
             result, results[j] = results[j], None  # the best one kept, the others freed as they are compared
             if isinstance(result, BudgetError):  # more prime neurons than the budget pays for
+                del result
                 continue
             out = outputs(build(result.tensors, result.specs))
             errors[j][split] = ranks.sum_numbers([float((out - reference).double().square().sum())])[0]
@@ -54,7 +56,9 @@ def choose_split(choices, fit, build, states: torch.Tensor, kwargs: dict, device
                 best[j] = (result, split)
             del result, out
     if not best or any(b is None for b in best):
-        raise ValueError(f"no prime split of {', '.join(map(str, choices))} fits the block's budget")
+        unfit = [(labels or [])[j] for j, b in enumerate(best) if b is None and j < len(labels or [])]
+        raise ValueError(f"no prime split of {', '.join(map(str, choices))} fits the block's budget"
+                         + (f" ({', '.join(unfit)})" if unfit else ""))
     return [(result, split, errs) for (result, split), errs in zip(best, errors)]
 
 
