@@ -209,7 +209,8 @@ class Layout:
         """Layer `name`'s tensors (relative to the block, in `storage_dtype`), spec and dropped
         fraction of its whitened output energy, at its rank in `ranks` (default: the constructor's
         ratio's). Without `cov`: the plain fit, on the spectra the ranks were chosen on (freed once
-        fitted, unless `keep`: another share is fitted from them after). With `cov` (C of the inputs the compressed model produces) and
+        fitted, unless `keep`: another share is fitted from them after). With `cov` (C of the
+        inputs the compressed model produces) and
         `cross` ((C + M)/2, M against the original model's inputs: compensate.local_and_cumulative):
         the error-compensating fit (method/compensate.py) at the same rank and split."""
         ranks = self.ranks if ranks is None else ranks

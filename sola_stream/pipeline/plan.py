@@ -388,7 +388,7 @@ def make_plan(cfg: dict, options, device: torch.device, budget_device: int | Non
         # the original block's and a candidate's outputs on the windows they are compared on
         host["prime split choice (two compressed blocks per output, outputs)"] = (
             2 * weights * outputs + 2 * 4 * compared * s.hidden)
-    elif outputs > 1:  # the other outputs' results wait while the last one's layers are fitted
+    elif outputs > 1:  # every output's block is fitted layer by layer at once (one counted as for one output)
         host["compressed blocks of the other outputs"] = weights * (outputs - 1)
     probe = getattr(options, "probe_windows", 0) if survey else 0
     probe_tokens = probe * options.seqlen  # drawn beside the calibration windows; the first rank runs them all
