@@ -329,15 +329,15 @@ def compress_shares(weights: dict[str, torch.Tensor], covs: dict[str, torch.Tens
                                                      keep=j != fitting[-1])
         results: list[BlockResult | BudgetError] = []
         for j, ranks in enumerate(allocated):
-            if j in fitting:
-                if spread is not None:  # a collective: every process collects every share, in order
-                    fitted[j] = spread.collect(fitted[j], list(family.linears))
-                    if any(fitted[j][n][1]["rank"] != ranks[n] for n in family.linears):  # a bug, not an input
-                        raise RuntimeError("the processes of the run allocated different ranks to one block")
-                results.append(layout.result(weights, fitted[j]))
-                fitted[j] = None
-            else:
+            if isinstance(ranks, BudgetError):
                 results.append(ranks)
+                continue
+            if spread is not None:  # a collective: every process collects every share, in order
+                fitted[j] = spread.collect(fitted[j], list(family.linears))
+                if any(fitted[j][n][1]["rank"] != ranks[n] for n in family.linears):  # a bug, not an input
+                    raise RuntimeError("the processes of the run allocated different ranks to one block")
+            results.append(layout.result(weights, fitted[j]))
+            fitted[j] = {}
         return results
 
 

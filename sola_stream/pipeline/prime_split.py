@@ -56,7 +56,7 @@ def choose_split(choices, fit, build, states: torch.Tensor, kwargs: dict, device
                 best[j] = (result, split)
             del result, out
     if not best or any(b is None for b in best):
-        unfit = [(labels or [])[j] for j, b in enumerate(best) if b is None and j < len(labels or [])]
+        unfit = [labels[j] for j, b in enumerate(best) if b is None] if labels else []
         raise ValueError(f"no prime split of {', '.join(map(str, choices))} fits the block's budget"
                          + (f" ({', '.join(unfit)})" if unfit else ""))
     return [(result, split, errs) for (result, split), errs in zip(best, errors)]
